@@ -1,0 +1,332 @@
+//! The `host` command line: parses arguments, runs the subcommand, prints, picks the exit code.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, ServiceConfig, parse_duration};
+use crate::plugin::Runtime;
+use crate::process::find_program;
+use crate::service::{self, Outcome, Request, Service};
+
+/// Exit codes: 0 success, 1 a service failed, 2 usage or configuration error;
+/// 130/143 when interrupted by SIGINT/SIGTERM.
+const EXIT_FAILED: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+/// One uniform, reliable front end for AI command-line clients, with sandboxed WebAssembly
+/// plugins that adapt each service.
+#[derive(Debug, Parser)]
+#[command(name = "host", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// The services.toml to use (default: $EXECHOST_CONFIG, ./services.toml,
+    /// $XDG_CONFIG_HOME/exechost/services.toml, then the built-in one).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// More diagnostics on stderr (-v: info, -vv: debug, including plugin stderr).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Send a prompt (and files) to a service and print its answer.
+    Run(RunArgs),
+    /// List the configured services.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the configuration and load every plugin.
+    Check {
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The service's name in services.toml.
+    service: String,
+    /// The prompt; `-` reads it from stdin.
+    #[arg(allow_hyphen_values = true)]
+    prompt: String,
+    /// Attach a file (repeatable). It must exist and be readable.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// The model to use (default: the service's default_model, else the CLI's own default).
+    #[arg(short, long)]
+    model: Option<String>,
+    /// Override the service's timeout, e.g. 90s, 1500ms, 2m.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Option<Duration>,
+    /// A plugin-specific option KEY=VALUE (repeatable).
+    #[arg(short = 'o', long = "option", value_parser = parse_option, value_name = "KEY=VALUE")]
+    options: Vec<(String, String)>,
+    /// Print one JSON object with the full result instead of the answer text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_option(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+}
+
+/// A usage or configuration problem: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+impl From<ConfigError> for Usage {
+    fn from(e: ConfigError) -> Self {
+        Usage(e.0)
+    }
+}
+
+/// Entry point: parses arguments, runs, prints errors, returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    init_logging(cli.verbose);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(dispatch(cli)),
+        Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("host: error: {e:#}");
+            ExitCode::from(if e.downcast_ref::<Usage>().is_some() { EXIT_USAGE } else { EXIT_FAILED })
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = std::env::var("EXECHOST_LOG").unwrap_or_else(|_| format!("{default},cranelift=warn,wasmtime=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let config = Config::locate(cli.config.as_deref()).map_err(Usage::from)?;
+    match cli.command {
+        Command::Run(args) => run(&config, args).await,
+        Command::List { json } => list(&config, json),
+        Command::Check { json } => check(&config, json),
+    }
+}
+
+fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Result<Runtime> {
+    let max_memory = services.into_iter().map(|s| s.limits.plugin_memory).max().unwrap_or(64 << 20);
+    Runtime::new(max_memory, Runtime::default_cache_dir())
+}
+
+async fn run(config: &Config, args: RunArgs) -> Result<ExitCode> {
+    let service_config = config.service(&args.service).map_err(Usage::from)?;
+    let files = service::check_files(&args.files).map_err(Usage)?;
+    let prompt = if args.prompt == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading the prompt from stdin")?;
+        text
+    } else {
+        args.prompt
+    };
+    let request = Request { prompt, files, model: args.model, options: args.options, timeout: args.timeout };
+    let runtime = runtime_for([service_config])?;
+    let cancel = CancellationToken::new();
+    let interrupted = watch_signals(cancel.clone());
+    let outcome = match Service::load(&runtime, service_config) {
+        Ok(service) => service.call(&request, &cancel).await,
+        Err(e) => Outcome::failed(
+            &service_config.name,
+            service::Failure::new(service::FailureKind::PluginError, format!("{e:#}")),
+        ),
+    };
+    print_outcome(&outcome, args.json)?;
+    if let Some(signal) = *interrupted.borrow() {
+        return Ok(ExitCode::from(128 + signal as u8));
+    }
+    Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_FAILED }))
+}
+
+/// Cancels `cancel` on SIGINT or SIGTERM; the receiver says which arrived.
+fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Option<i32>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return rx;
+    };
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = int.recv() => libc::SIGINT,
+            _ = term.recv() => libc::SIGTERM,
+        };
+        let _ = tx.send(Some(which));
+        cancel.cancel();
+    });
+    rx
+}
+
+fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut stdout, outcome)?;
+        writeln!(stdout)?;
+    } else if let Some(text) = &outcome.text {
+        stdout.write_all(text.as_bytes())?;
+        if !text.ends_with('\n') {
+            writeln!(stdout)?;
+        }
+    }
+    stdout.flush()?;
+    if outcome.truncated {
+        eprintln!("host: warning: service {}: output was longer than max_output and was truncated", outcome.service);
+    }
+    if !json {
+        if let Some(error) = &outcome.error {
+            eprintln!("host: {} failed ({}): {}", outcome.service, error.kind.as_str(), error.message);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ListRow<'a> {
+    name: &'a str,
+    plugin: String,
+    command: &'a str,
+    command_path: Option<String>,
+    models: &'a [String],
+    default_model: Option<&'a str>,
+    auth_env: Option<&'a str>,
+    auth_env_set: Option<bool>,
+}
+
+fn list(config: &Config, json: bool) -> Result<ExitCode> {
+    let rows: Vec<ListRow> = config
+        .services
+        .values()
+        .map(|s| ListRow {
+            name: &s.name,
+            plugin: s.plugin.to_string(),
+            command: &s.command,
+            command_path: find_program(&s.command).map(|p| p.display().to_string()),
+            models: &s.models,
+            default_model: s.default_model.as_deref(),
+            auth_env: s.auth_env.as_deref(),
+            auth_env_set: s.auth_env.as_ref().map(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty())),
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "configuration: {}", config.describe())?;
+    for r in &rows {
+        let found = r.command_path.as_deref().map_or_else(|| "NOT FOUND".to_string(), |p| format!("-> {p}"));
+        let models = if r.models.is_empty() { "any".to_string() } else { r.models.join(", ") };
+        let default = r.default_model.map(|m| format!(" (default {m})")).unwrap_or_default();
+        let auth = match (r.auth_env, r.auth_env_set) {
+            (Some(var), Some(true)) => format!("  auth: {var} set"),
+            (Some(var), _) => format!("  auth: {var} NOT SET"),
+            _ => String::new(),
+        };
+        writeln!(out, "{:<12} plugin {:<14} command {} {found}  models: {models}{default}{auth}", r.name, r.plugin, r.command)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct CheckRow {
+    name: String,
+    ok: bool,
+    plugin: String,
+    plugin_name: Option<String>,
+    plugin_version: Option<String>,
+    description: Option<String>,
+    command_found: bool,
+    error: Option<String>,
+}
+
+fn check(config: &Config, json: bool) -> Result<ExitCode> {
+    let runtime = runtime_for(config.services.values())?;
+    let rows: Vec<CheckRow> = config
+        .services
+        .values()
+        .map(|s| {
+            let mut row = CheckRow {
+                name: s.name.clone(),
+                ok: false,
+                plugin: s.plugin.to_string(),
+                plugin_name: None,
+                plugin_version: None,
+                description: None,
+                command_found: find_program(&s.command).is_some(),
+                error: None,
+            };
+            match Service::load(&runtime, s).and_then(|svc| Ok((svc.validate()?, svc))) {
+                Ok((Ok(()), svc)) => {
+                    row.ok = true;
+                    row.plugin_name = Some(svc.info.name);
+                    row.plugin_version = Some(svc.info.version);
+                    row.description = Some(svc.info.description);
+                }
+                Ok((Err(why), _)) => row.error = Some(format!("service {}: {why}", s.name)),
+                Err(e) => row.error = Some(format!("{e:#}")),
+            }
+            row
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+    } else {
+        writeln!(out, "configuration: {}", config.describe())?;
+        for r in &rows {
+            if r.ok {
+                let note = if r.command_found { "" } else { "  (command not found on PATH)" };
+                writeln!(
+                    out,
+                    "ok    {:<12} {} {}: {}{note}",
+                    r.name,
+                    r.plugin_name.as_deref().unwrap_or_default(),
+                    r.plugin_version.as_deref().unwrap_or_default(),
+                    r.description.as_deref().unwrap_or_default()
+                )?;
+            } else {
+                writeln!(out, "FAIL  {:<12} {}", r.name, r.error.as_deref().unwrap_or_default())?;
+            }
+        }
+    }
+    Ok(ExitCode::from(if rows.iter().all(|r| r.ok) { 0 } else { EXIT_FAILED }))
+}

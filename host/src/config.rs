@@ -1,0 +1,459 @@
+//! Loads and checks services.toml: the registry of services and their limits.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The services.toml built into the binary, used when no other file is found.
+pub const BUILTIN_CONFIG: &str = include_str!("../../services.toml");
+
+/// Names of the plugins embedded in the binary.
+pub const BUILTIN_PLUGINS: &[&str] = &["template"];
+
+/// Service names with a meaning of their own on the command line.
+const RESERVED_NAMES: &[&str] = &["all"];
+
+/// A configuration problem, with the place it was found and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Where a plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// One of [`BUILTIN_PLUGINS`].
+    Builtin(String),
+    /// A component file (absolute path, resolved against the config file's folder).
+    File(PathBuf),
+}
+
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginSource::Builtin(name) => write!(f, "built-in:{name}"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// Limits that `[defaults]` sets and each service may override.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Wall-clock limit for one run of the command.
+    pub timeout: Duration,
+    /// Kill a command that printed nothing for this long (off when `None`).
+    pub idle_timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL when a command is stopped.
+    pub kill_grace: Duration,
+    /// Cap on captured stdout and on captured stderr, each.
+    pub max_output: u64,
+    /// Cap on a file whose contents a plugin asks for.
+    pub max_file_size: u64,
+    /// Linear memory a plugin instance may grow to.
+    pub plugin_memory: u64,
+    /// CPU (wall) time one plugin call may take.
+    pub plugin_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            timeout: Duration::from_secs(300),
+            idle_timeout: None,
+            kill_grace: Duration::from_secs(2),
+            max_output: 16 << 20,
+            max_file_size: 10 << 20,
+            plugin_memory: 64 << 20,
+            plugin_time: Duration::from_secs(1),
+        }
+    }
+}
+
+/// One `[services.NAME]` entry, checked.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub plugin: PluginSource,
+    /// The program to run: a name looked up on PATH, or a path.
+    pub command: String,
+    pub models: Vec<String>,
+    pub default_model: Option<String>,
+    /// The environment variable that holds the service's credentials, if any.
+    pub auth_env: Option<String>,
+    /// Fixed extra environment variables for the command.
+    pub env: BTreeMap<String, String>,
+    /// `[services.NAME.settings]` as a JSON object text, for the plugin.
+    pub settings: String,
+    pub limits: Limits,
+}
+
+/// A loaded services.toml.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from; `None` for the built-in copy.
+    pub path: Option<PathBuf>,
+    pub defaults: Limits,
+    /// Services by name.
+    pub services: BTreeMap<String, ServiceConfig>,
+}
+
+impl Config {
+    /// Finds the configuration: `explicit` (from `--config`), `$EXECHOST_CONFIG`,
+    /// `./services.toml`, `$XDG_CONFIG_HOME/exechost/services.toml`, then the built-in copy.
+    pub fn locate(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+        if let Some(path) = explicit {
+            return Config::load(path);
+        }
+        if let Some(path) = std::env::var_os("EXECHOST_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::load(Path::new(&path));
+        }
+        let local = PathBuf::from("services.toml");
+        if local.is_file() {
+            return Config::load(&local);
+        }
+        if let Some(dir) = crate::dirs::config_home() {
+            let path = dir.join("exechost").join("services.toml");
+            if path.is_file() {
+                return Config::load(&path);
+            }
+        }
+        Config::parse(BUILTIN_CONFIG, None)
+    }
+
+    /// Reads and checks one file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError(format!("cannot read configuration {}: {e}", path.display()))
+        })?;
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Config::parse(&text, Some(&absolute))
+    }
+
+    /// Parses and checks configuration text; `path` names it in errors and anchors relative
+    /// plugin paths.
+    pub fn parse(text: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let file_name = path.map_or_else(|| "built-in services.toml".to_string(), |p| p.display().to_string());
+        let raw: RawFile = toml::from_str(text).map_err(|e| {
+            let service = e.span().and_then(|span| service_at(text, span.start));
+            let within = service.map(|s| format!(" (service {s})")).unwrap_or_default();
+            ConfigError(format!("{file_name}{within}: {}", e.to_string().trim_end()))
+        })?;
+        let here = |span: Range<usize>, service: &str, message: String| {
+            let (line, column) = line_col(text, span.start);
+            ConfigError(format!("{file_name}:{line}:{column}: service {service}: {message}"))
+        };
+        let defaults = raw.defaults.apply(&Limits::default());
+        let base_dir = path.and_then(Path::parent).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let mut services = BTreeMap::new();
+        for (name, entry) in raw.services {
+            let span = name.span();
+            let name = name.into_inner();
+            let svc = entry.into_inner();
+            if RESERVED_NAMES.contains(&name.as_str()) {
+                return Err(here(span, &name, format!("`{name}` is a reserved name; rename the service")));
+            }
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(here(span, &name, "a service name may hold only letters, digits, `-` and `_`".into()));
+            }
+            let plugin = resolve_plugin(svc.plugin.get_ref(), &base_dir)
+                .map_err(|m| here(svc.plugin.span(), &name, m))?;
+            if svc.command.get_ref().trim().is_empty() || svc.command.get_ref().contains('\0') {
+                return Err(here(svc.command.span(), &name, "`command` must name a program".into()));
+            }
+            if let Some(model) = &svc.default_model {
+                if !svc.models.is_empty() && !svc.models.contains(model.get_ref()) {
+                    return Err(here(
+                        model.span(),
+                        &name,
+                        format!("default_model `{}` is not one of `models` ({})", model.get_ref(), svc.models.join(", ")),
+                    ));
+                }
+            }
+            for (key, _) in &svc.env {
+                if !valid_env_name(key.get_ref()) {
+                    return Err(here(key.span(), &name, format!("`{}` is not a valid environment variable name", key.get_ref())));
+                }
+            }
+            let settings = match &svc.settings {
+                Some(table) => serde_json::to_string(table)
+                    .map_err(|e| ConfigError(format!("{file_name}: service {name}: settings: {e}")))?,
+                None => "{}".to_string(),
+            };
+            let limits = svc.apply(&defaults);
+            if limits.timeout.is_zero() {
+                return Err(ConfigError(format!("{file_name}: service {name}: `timeout` must be more than 0")));
+            }
+            services.insert(
+                name.clone(),
+                ServiceConfig {
+                    name,
+                    plugin,
+                    command: svc.command.into_inner(),
+                    models: svc.models,
+                    default_model: svc.default_model.map(Spanned::into_inner),
+                    auth_env: svc.auth_env,
+                    env: svc.env.into_iter().map(|(k, v)| (k.into_inner(), v)).collect(),
+                    settings,
+                    limits,
+                },
+            );
+        }
+        Ok(Config { path: path.map(Path::to_path_buf), defaults, services })
+    }
+
+    /// The service called `name`, or an error listing the ones there are.
+    pub fn service(&self, name: &str) -> Result<&ServiceConfig, ConfigError> {
+        self.services.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
+            ConfigError(format!(
+                "unknown service `{name}` in {}; configured services: {}",
+                self.describe(),
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            ))
+        })
+    }
+
+    /// Names the configuration's origin for messages.
+    pub fn describe(&self) -> String {
+        self.path.as_ref().map_or_else(|| "the built-in services.toml".to_string(), |p| p.display().to_string())
+    }
+}
+
+/// True for a portable environment variable name.
+pub fn valid_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn resolve_plugin(spec: &str, base_dir: &Path) -> Result<PluginSource, String> {
+    if BUILTIN_PLUGINS.contains(&spec) {
+        return Ok(PluginSource::Builtin(spec.to_string()));
+    }
+    if !spec.contains('/') && !spec.ends_with(".wasm") {
+        return Err(format!(
+            "unknown built-in plugin `{spec}` (built-in: {}); a plugin file must be a path ending in .wasm",
+            BUILTIN_PLUGINS.join(", ")
+        ));
+    }
+    let path = base_dir.join(spec);
+    if !path.is_file() {
+        return Err(format!("plugin file {} does not exist (paths are relative to the configuration file)", path.display()));
+    }
+    Ok(PluginSource::File(path))
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// The service whose table holds the byte offset, by the last `[services.NAME…]` header before it.
+fn service_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    before.lines().rev().find_map(|line| {
+        let header = line.trim().strip_prefix('[')?.trim_start_matches('[').trim();
+        let rest = header.strip_prefix("services.")?;
+        let name: String = rest.chars().take_while(|c| *c != '.' && *c != ']').collect();
+        Some(name.trim().trim_matches('"').to_string())
+    })
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    defaults: RawLimits,
+    #[serde(default)]
+    services: BTreeMap<Spanned<String>, Spanned<RawService>>,
+}
+
+/// Declares a raw table that carries the overridable limits beside its own fields.
+macro_rules! with_limits {
+    ($(#[$meta:meta])* struct $name:ident { $($(#[$fmeta:meta])* $field:ident : $ty:ty,)* }) => {
+        $(#[$meta])*
+        struct $name {
+            $($(#[$fmeta])* $field: $ty,)*
+            timeout: Option<Secs>,
+            idle_timeout: Option<Secs>,
+            kill_grace: Option<Secs>,
+            max_output: Option<Bytes>,
+            max_file_size: Option<Bytes>,
+            plugin_memory: Option<Bytes>,
+            plugin_time: Option<Secs>,
+        }
+
+        impl $name {
+            fn apply(&self, base: &Limits) -> Limits {
+                Limits {
+                    timeout: self.timeout.map_or(base.timeout, |s| s.0),
+                    idle_timeout: self.idle_timeout.map(|s| s.0).filter(|d| !d.is_zero()).or(base.idle_timeout),
+                    kill_grace: self.kill_grace.map_or(base.kill_grace, |s| s.0),
+                    max_output: self.max_output.map_or(base.max_output, |b| b.0),
+                    max_file_size: self.max_file_size.map_or(base.max_file_size, |b| b.0),
+                    plugin_memory: self.plugin_memory.map_or(base.plugin_memory, |b| b.0),
+                    plugin_time: self.plugin_time.map_or(base.plugin_time, |s| s.0),
+                }
+            }
+        }
+    };
+}
+
+with_limits! {
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawLimits {}
+}
+
+with_limits! {
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawService {
+        plugin: Spanned<String>,
+        command: Spanned<String>,
+        #[serde(default)]
+        models: Vec<String>,
+        default_model: Option<Spanned<String>>,
+        auth_env: Option<String>,
+        #[serde(default)]
+        env: BTreeMap<Spanned<String>, String>,
+        settings: Option<toml::Table>,
+    }
+}
+
+/// A duration: a number of seconds or a string such as "90s", "1500ms", "2m", "1h".
+#[derive(Debug, Clone, Copy)]
+struct Secs(Duration);
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Float(f64),
+            Text(String),
+        }
+        let seconds = match Raw::deserialize(d)? {
+            Raw::Int(n) => n as f64,
+            Raw::Float(f) => f,
+            Raw::Text(text) => parse_duration(&text).map_err(de::Error::custom)?.as_secs_f64(),
+        };
+        if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+            return Err(de::Error::custom(format!("invalid duration {seconds}: use a number of seconds or a string like \"90s\"")));
+        }
+        Ok(Secs(Duration::from_secs_f64(seconds)))
+    }
+}
+
+/// Parses "1500ms", "90s", "2m", "1h", "1d" or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration \"{text}\": write a number with a unit, e.g. \"90s\", \"1500ms\", \"2m\""))?;
+    let factor = match unit.trim() {
+        "ms" => 0.001,
+        "" | "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86400.0,
+        other => return Err(format!("invalid duration unit \"{other}\" in \"{text}\": use ms, s, m, h or d")),
+    };
+    Ok(Duration::from_secs_f64(value * factor))
+}
+
+/// A size: a number of bytes or a string such as "16MiB", "512KiB", "1GiB", "10MB".
+#[derive(Debug, Clone, Copy)]
+struct Bytes(u64);
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Bytes(n)),
+            Raw::Text(text) => parse_size(&text).map(Bytes).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses "16MiB", "512KiB", "1GiB", "10MB", "100kB" or a bare number of bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("invalid size \"{text}\": write e.g. \"16MiB\" or a number of bytes"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        other => return Err(format!("invalid size unit \"{other}\" in \"{text}\": use B, KiB, MiB, GiB, kB, MB or GB")),
+    };
+    value.checked_mul(factor).ok_or_else(|| format!("size \"{text}\" is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_with_units() {
+        assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert!(parse_size("16 parsecs").is_err());
+    }
+
+    #[test]
+    fn the_builtin_configuration_is_valid() {
+        let config = Config::parse(BUILTIN_CONFIG, None).expect("built-in services.toml parses");
+        assert!(config.services.contains_key("echo"));
+    }
+
+    #[test]
+    fn a_bad_value_names_file_line_column_and_service() {
+        let text = "[services.a]\nplugin = \"template\"\ncommand = \"echo\"\n\n[services.b]\nplugin = \"template\"\ncommand = \"echo\"\ntimeout = \"soon\"\n";
+        let err = Config::parse(text, Some(Path::new("/x/services.toml"))).unwrap_err().0;
+        assert!(err.contains("/x/services.toml"), "{err}");
+        assert!(err.contains("service b"), "{err}");
+        assert!(err.contains("line 8"), "{err}");
+    }
+
+    #[test]
+    fn a_default_model_outside_models_is_refused_with_its_position() {
+        let text = "[services.a]\nplugin = \"template\"\ncommand = \"echo\"\nmodels = [\"x\"]\ndefault_model = \"y\"\n";
+        let err = Config::parse(text, Some(Path::new("/s.toml"))).unwrap_err().0;
+        assert!(err.starts_with("/s.toml:5:17: service a:"), "{err}");
+    }
+
+    #[test]
+    fn service_limits_override_the_defaults() {
+        let text = "[defaults]\ntimeout = 10\nmax_output = \"1KiB\"\n[services.a]\nplugin = \"template\"\ncommand = \"echo\"\ntimeout = \"2s\"\n";
+        let config = Config::parse(text, None).unwrap();
+        let limits = &config.services["a"].limits;
+        assert_eq!(limits.timeout, Duration::from_secs(2));
+        assert_eq!(limits.max_output, 1024);
+        assert_eq!(config.defaults.timeout, Duration::from_secs(10));
+    }
+}

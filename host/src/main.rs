@@ -1,0 +1,5 @@
+//! The `host` binary.
+
+fn main() -> std::process::ExitCode {
+    exechost::cli::main()
+}

@@ -1,0 +1,309 @@
+//! The plugin runtime: loads WebAssembly components (with an on-disk compile cache) and
+//! calls them in a fresh, sandboxed, resource-limited instance per call.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::config::PluginSource;
+
+/// Host-side bindings generated from wit/, the public contract.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "service-plugin",
+    });
+}
+
+pub use bindings::exechost::service::types as wit;
+use bindings::{ServicePlugin, ServicePluginPre};
+
+/// The contract package and the versions of it this host accepts (semver-compatible 0.1.x).
+const CONTRACT: &str = "exechost:service/plugin";
+const CONTRACT_COMPATIBLE: &str = "0.1.";
+pub const CONTRACT_VERSION: &str = "0.1.0";
+
+/// How often the epoch ticks; plugin CPU deadlines are counted in ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How much of a plugin's stderr is kept per call (for the log and for trap messages).
+const PLUGIN_STDERR_CAP: usize = 64 * 1024;
+
+/// Components embedded in the binary, by built-in name.
+fn builtin_bytes(name: &str) -> Option<&'static [u8]> {
+    match name {
+        "template" => Some(include_bytes!(concat!(env!("EXECHOST_PLUGIN_DIR"), "/template_plugin.wasm"))),
+        _ => None,
+    }
+}
+
+/// Per-call resource limits of a plugin instance.
+#[derive(Debug, Clone, Copy)]
+pub struct PluginLimits {
+    /// Linear memory an instance may grow to, in bytes.
+    pub memory: u64,
+    /// Wall time one call may take.
+    pub time: Duration,
+}
+
+/// One process's plugin runtime: a single engine, its linker and compile cache.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<State>,
+    cache_dir: Option<PathBuf>,
+}
+
+/// Store state of one call: a WASI context that grants nothing, and the limiter.
+struct State {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl bindings::exechost::service::types::Host for State {}
+
+/// Caps linear memory and remembers whether the cap was hit, for a clear error.
+struct Limiter {
+    max_memory: usize,
+    memory_denied: bool,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        let ok = desired <= self.max_memory;
+        self.memory_denied |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+impl Runtime {
+    /// Creates the engine. `max_memory` is the largest memory any plugin may use (it sizes the
+    /// instance pool); `cache_dir` holds compiled components (`None` disables the cache).
+    pub fn new(max_memory: u64, cache_dir: Option<PathBuf>) -> Result<Runtime> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(256)
+            .total_tables(512)
+            .total_stacks(256)
+            .max_memory_size(usize::try_from(max_memory.max(1 << 20)).unwrap_or(usize::MAX))
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = any(Engine::new(&config)).context("creating the WebAssembly engine")?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("plugin-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .context("starting the plugin deadline thread")?;
+        let mut linker = Linker::new(&engine);
+        any(wasmtime_wasi::p2::add_to_linker_sync(&mut linker)).context("linking WASI")?;
+        any(ServicePlugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s))
+            .context("linking the plugin contract")?;
+        Ok(Runtime { engine, linker, cache_dir })
+    }
+
+    /// The default compile cache: `$XDG_CACHE_HOME/exechost/plugins`.
+    pub fn default_cache_dir() -> Option<PathBuf> {
+        crate::dirs::cache_home().map(|d| d.join("exechost").join("plugins"))
+    }
+
+    /// Loads a plugin: compiles it (or takes it from the cache), checks that it targets the
+    /// contract, and prepares it for instantiation.
+    pub fn load(&self, source: &PluginSource, limits: PluginLimits) -> Result<Plugin> {
+        let bytes: std::borrow::Cow<'static, [u8]> = match source {
+            PluginSource::Builtin(name) => builtin_bytes(name)
+                .ok_or_else(|| anyhow!("no built-in plugin called `{name}`"))?
+                .into(),
+            PluginSource::File(path) => std::fs::read(path)
+                .with_context(|| format!("reading plugin {}", path.display()))?
+                .into(),
+        };
+        let component = self.compile(&bytes).with_context(|| format!("loading plugin {source}"))?;
+        check_contract(&self.engine, &component).with_context(|| format!("plugin {source}"))?;
+        let pre = any(self.linker.instantiate_pre(&component))
+            .with_context(|| format!("plugin {source} imports something this host does not provide (only WASI p2 is available)"))?;
+        let pre = any(ServicePluginPre::new(pre))
+            .with_context(|| format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract"))?;
+        Ok(Plugin { inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits }) })
+    }
+
+    /// Compiles, or deserializes what an earlier compile of the same bytes left in the cache.
+    fn compile(&self, bytes: &[u8]) -> Result<Component> {
+        if bytes.starts_with(b"\0asm\x01\0\0\0") {
+            bail!("this is a core WebAssembly module, not a component: build it for wasm32-wasip2 (or wrap it with `wasm-tools component new`)");
+        }
+        if !bytes.starts_with(b"\0asm") {
+            bail!("this is not a WebAssembly file");
+        }
+        let Some(dir) = &self.cache_dir else {
+            return any(Component::new(&self.engine, bytes)).context("compiling the component");
+        };
+        let cached = dir.join(format!("{}.cwasm", self.cache_key(bytes)));
+        if cached.is_file() {
+            // SAFETY: the cache holds only artifacts this host serialized itself, named by the
+            // hash of their source and of the engine configuration; wasmtime checks the
+            // artifact's header against this engine and refuses a mismatch.
+            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+                Ok(component) => return Ok(component),
+                Err(e) => tracing::debug!("recompiling: cached {} unusable: {e:#}", cached.display()),
+            }
+        }
+        let component = any(Component::new(&self.engine, bytes)).context("compiling the component")?;
+        if let Err(e) = store_atomically(dir, &cached, &component) {
+            tracing::warn!("could not cache the compiled plugin in {}: {e:#}", dir.display());
+        }
+        Ok(component)
+    }
+
+    fn cache_key(&self, bytes: &[u8]) -> String {
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let mut sha = Sha256::new();
+        sha.update(env!("CARGO_PKG_VERSION").as_bytes());
+        sha.update(engine_hash.finish().to_le_bytes());
+        sha.update(bytes);
+        sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Converts wasmtime's error type so that context can be added to it.
+fn any<T>(result: wasmtime::Result<T>) -> Result<T> {
+    result.map_err(anyhow::Error::from)
+}
+
+/// Writes the serialized component to a temporary file and renames it into place, so a
+/// concurrent reader never sees half a file.
+fn store_atomically(dir: &Path, dest: &Path, component: &Component) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = component.serialize()?;
+    let tmp = dir.join(format!(".{}.{}.tmp", std::process::id(), dest.file_name().unwrap_or_default().to_string_lossy()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::rename(&tmp, dest).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })?;
+    Ok(())
+}
+
+/// Checks the component exports a compatible version of the contract interface.
+fn check_contract(engine: &Engine, component: &Component) -> Result<()> {
+    let ty = component.component_type();
+    let exports: Vec<String> = ty.exports(engine).map(|(name, _)| name.to_string()).collect();
+    if exports.iter().any(|e| e.strip_prefix(CONTRACT).and_then(|v| v.strip_prefix('@')).is_some_and(|v| v.starts_with(CONTRACT_COMPATIBLE))) {
+        return Ok(());
+    }
+    if let Some(other) = exports.iter().find(|e| e.starts_with(CONTRACT)) {
+        bail!(
+            "it targets {other}, but this host speaks {CONTRACT}@{CONTRACT_VERSION} (compatible: 0.1.x); rebuild the plugin against wit/ of this host"
+        );
+    }
+    bail!(
+        "it does not export {CONTRACT}@{CONTRACT_VERSION}: it is not a service plugin (its exports: {})",
+        if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+    )
+}
+
+struct Loaded {
+    pre: ServicePluginPre<State>,
+    engine: Engine,
+    source: PluginSource,
+    limits: PluginLimits,
+}
+
+/// A loaded plugin, cheap to clone; every call runs in a fresh instance.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<Loaded>,
+}
+
+impl Plugin {
+    /// Where the plugin came from, for messages.
+    pub fn source(&self) -> &PluginSource {
+        &self.inner.source
+    }
+
+    pub fn info(&self) -> Result<wit::PluginInfo> {
+        self.call("info", |p, s| p.exechost_service_plugin().call_info(s))
+    }
+
+    pub fn validate(&self, service: &wit::Service) -> Result<Result<(), String>> {
+        self.call("validate", |p, s| p.exechost_service_plugin().call_validate(s, service))
+    }
+
+    pub fn build_command(&self, service: &wit::Service, request: &wit::Request) -> Result<Result<wit::Command, wit::Failure>> {
+        self.call("build-command", |p, s| p.exechost_service_plugin().call_build_command(s, service, request))
+    }
+
+    pub fn parse_output(
+        &self,
+        service: &wit::Service,
+        request: &wit::Request,
+        output: &wit::Output,
+    ) -> Result<Result<wit::Response, wit::Failure>> {
+        self.call("parse-output", |p, s| p.exechost_service_plugin().call_parse_output(s, service, request, output))
+    }
+
+    pub fn health_command(&self, service: &wit::Service) -> Result<Option<wit::Command>> {
+        self.call("health-command", |p, s| p.exechost_service_plugin().call_health_command(s, service))
+    }
+
+    /// Instantiates the plugin in a fresh store with no capabilities and the limits, runs
+    /// `f`, and turns a trap or an exhausted limit into an error naming the plugin.
+    fn call<T>(&self, function: &str, f: impl FnOnce(&ServicePlugin, &mut Store<State>) -> wasmtime::Result<T>) -> Result<T> {
+        let inner = &*self.inner;
+        let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
+        let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
+        let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };
+        let mut store = Store::new(&inner.engine, State { wasi, table: ResourceTable::new(), limiter });
+        store.limiter(|s| &mut s.limiter);
+        let ticks = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let result = inner.pre.instantiate(&mut store).and_then(|instance| f(&instance, &mut store));
+        let printed = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
+        if !printed.is_empty() {
+            tracing::debug!(plugin = %inner.source, "plugin stderr ({function}): {printed}");
+        }
+        result.map_err(|e| {
+            let what = match e.downcast_ref::<Trap>() {
+                Some(Trap::Interrupt) => format!("exceeded its CPU time limit of {:?} (plugin_time)", inner.limits.time),
+                _ if store.data().limiter.memory_denied => {
+                    format!("hit its memory limit of {} MiB (plugin_memory)", inner.limits.memory >> 20)
+                }
+                Some(trap) => format!("trapped: {trap}"),
+                None => format!("failed: {e:#}"),
+            };
+            let tail: String = printed.lines().last().unwrap_or_default().chars().take(300).collect();
+            let said = if tail.is_empty() { String::new() } else { format!(" (its stderr: {tail})") };
+            anyhow!("plugin {} {what} in {function}{said}", inner.source)
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! Runs one command as a subprocess: argv without a shell, its own process group, timeouts
+//! that kill the whole group, stdin written while bounded stdout/stderr are read.
+
+use std::io;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// What to run and within which limits.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The program: a name looked up on PATH, or a path.
+    pub program: String,
+    /// Arguments, each passed as exactly one argv element.
+    pub args: Vec<String>,
+    /// Extra environment variables on top of the host's own.
+    pub env: Vec<(String, String)>,
+    /// Bytes for stdin (then closed); `None` gives the child /dev/null.
+    pub stdin: Option<Vec<u8>>,
+    pub timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL.
+    pub kill_grace: Duration,
+    /// Cap on captured stdout and on captured stderr, each.
+    pub max_output: u64,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Why the host stopped the process, if it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// The wall-clock timeout ran out.
+    Timeout,
+    /// Nothing was printed for the idle timeout.
+    Idle,
+    /// The caller cancelled (Ctrl-C).
+    Cancelled,
+}
+
+/// A finished process.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub status: Status,
+    pub stopped: Option<Stopped>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub duration: Duration,
+}
+
+/// The process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("command `{0}` not found on PATH")]
+    NotFound(String),
+    #[error("command `{0}` is not executable (permission denied)")]
+    NotExecutable(String),
+    #[error("the argument list for `{0}` is too long for the operating system")]
+    TooLong(String),
+    #[error("cannot start `{program}`: {source}")]
+    Other { program: String, source: io::Error },
+}
+
+/// Environment variables a plugin may not set: they change which code a program loads or
+/// where it looks programs up.
+const FORBIDDEN_ENV: &[&str] = &[
+    "IFS", "ENV", "BASH_ENV", "SHELLOPTS", "BASHOPTS", "PS4", "NODE_OPTIONS", "PYTHONSTARTUP",
+    "PYTHONHOME", "PYTHONINSPECT", "PERL5LIB", "PERL5OPT", "PERLLIB", "RUBYOPT", "RUBYLIB",
+    "GLIBC_TUNABLES", "MALLOC_CONF", "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "HOSTALIASES",
+    "RESOLV_HOST_CONF", "LOCPATH", "NLSPATH", "GCONV_PATH", "HOME",
+];
+
+/// Checks one environment variable handed over by a plugin; the error says why it is refused.
+pub fn check_plugin_env(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty() || name.contains(['=', '\0']) {
+        return Err(format!("`{name}` is not a valid environment variable name"));
+    }
+    if value.contains('\0') {
+        return Err(format!("the value of `{name}` contains a NUL byte"));
+    }
+    let upper = name.to_ascii_uppercase();
+    let hijack = upper.starts_with("LD_")
+        || upper.starts_with("DYLD_")
+        || upper.ends_with("PATH")
+        || FORBIDDEN_ENV.contains(&upper.as_str());
+    if hijack {
+        return Err(format!("plugins may not set `{name}`: it changes which code or programs are loaded"));
+    }
+    Ok(())
+}
+
+/// Looks a program up the way the spawn will: a name with a slash is a path, otherwise each
+/// PATH entry is tried. Returns the executable found, if any.
+pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = std::path::PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| executable(p))
+}
+
+/// Sends `signal` to the whole process group `pgid`; a group that is gone is not an error.
+fn signal_group(pgid: i32, signal: i32) {
+    // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory.
+    unsafe {
+        libc::kill(-pgid, signal);
+    }
+}
+
+/// Runs the command to its end, or until a timeout or `cancel` stops its whole process group.
+pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, SpawnError> {
+    let mut cmd = Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let started = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| match source.kind() {
+        io::ErrorKind::NotFound => SpawnError::NotFound(spec.program.clone()),
+        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.program.clone()),
+        _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(spec.program.clone()),
+        _ => SpawnError::Other { program: spec.program.clone(), source },
+    })?;
+    let pgid = child.id().map(|id| id as i32).unwrap_or(0);
+
+    let activity = Arc::new(AtomicU64::new(0));
+    let writer = match (child.stdin.take(), spec.stdin.clone()) {
+        (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
+            // A child that exits without reading its input closes the pipe: not an error.
+            let _ = pipe.write_all(&bytes).await;
+            let _ = pipe.shutdown().await;
+        })),
+        _ => None,
+    };
+    let out = capture(child.stdout.take(), spec.max_output, activity.clone(), started);
+    let err = capture(child.stderr.take(), spec.max_output, activity.clone(), started);
+
+    let (status, stopped) = supervise(&mut child, pgid, spec, &activity, started, cancel).await;
+    let duration = started.elapsed();
+    // The leader is gone; nothing it left behind in its group may outlive the request.
+    if pgid > 0 {
+        signal_group(pgid, libc::SIGKILL);
+    }
+    if let Some(writer) = writer {
+        writer.abort();
+    }
+    let (stdout, stdout_truncated) = collect(out, spec.kill_grace).await;
+    let (stderr, stderr_truncated) = collect(err, spec.kill_grace).await;
+    Ok(Finished { status, stopped, stdout, stderr, stdout_truncated, stderr_truncated, duration })
+}
+
+/// Waits for the child while watching the timeouts and `cancel`; stops the group when one fires.
+async fn supervise(
+    child: &mut Child,
+    pgid: i32,
+    spec: &Spec,
+    activity: &AtomicU64,
+    started: Instant,
+    cancel: &CancellationToken,
+) -> (Status, Option<Stopped>) {
+    let deadline = tokio::time::Instant::from_std(started + spec.timeout);
+    let reason = loop {
+        let idle_check = match spec.idle_timeout {
+            Some(idle) => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                tokio::time::Instant::from_std(started + last + idle)
+            }
+            None => deadline,
+        };
+        tokio::select! {
+            status = child.wait() => return (to_status(status), None),
+            _ = cancel.cancelled() => break Stopped::Cancelled,
+            _ = tokio::time::sleep_until(deadline) => break Stopped::Timeout,
+            _ = tokio::time::sleep_until(idle_check), if spec.idle_timeout.is_some() => {
+                let last = Duration::from_millis(activity.load(Ordering::Relaxed));
+                if started.elapsed() >= last + spec.idle_timeout.unwrap_or_default() {
+                    break Stopped::Idle;
+                }
+            }
+        }
+    };
+    if pgid > 0 {
+        signal_group(pgid, libc::SIGTERM);
+    }
+    let status = match tokio::time::timeout(spec.kill_grace, child.wait()).await {
+        Ok(status) => status,
+        Err(_) => {
+            if pgid > 0 {
+                signal_group(pgid, libc::SIGKILL);
+            }
+            child.wait().await
+        }
+    };
+    (to_status(status), Some(reason))
+}
+
+fn to_status(status: io::Result<std::process::ExitStatus>) -> Status {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => Status::Code(code),
+            (None, Some(signal)) => Status::Signal(signal),
+            (None, None) => Status::Code(-1),
+        },
+        Err(_) => Status::Code(-1),
+    }
+}
+
+/// Output read so far from one stream.
+#[derive(Default)]
+struct Captured {
+    kept: Vec<u8>,
+    truncated: bool,
+}
+
+type SharedCapture = Arc<std::sync::Mutex<Captured>>;
+
+/// Reads a stream to its end into `into`, keeping at most `cap` bytes and draining the rest.
+fn capture<R: AsyncRead + Unpin + Send + 'static>(
+    stream: Option<R>,
+    cap: u64,
+    activity: Arc<AtomicU64>,
+    started: Instant,
+) -> (SharedCapture, tokio::task::JoinHandle<()>) {
+    let into = SharedCapture::default();
+    let shared = into.clone();
+    let task = tokio::spawn(async move {
+        let Some(mut stream) = stream else { return };
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    let mut c = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    let room = cap.saturating_sub(c.kept.len());
+                    c.kept.extend_from_slice(&chunk[..n.min(room)]);
+                    c.truncated |= n > room;
+                }
+            }
+        }
+    });
+    (into, task)
+}
+
+/// Waits for a reader to reach end of file; a pipe held open by a process that escaped the
+/// group is given up on after `patience`, keeping what was read.
+async fn collect((captured, reader): (SharedCapture, tokio::task::JoinHandle<()>), patience: Duration) -> (Vec<u8>, bool) {
+    let abort = reader.abort_handle();
+    if tokio::time::timeout(patience.max(Duration::from_millis(100)), reader).await.is_err() {
+        abort.abort();
+    }
+    let mut c = captured.lock().unwrap_or_else(|p| p.into_inner());
+    (std::mem::take(&mut c.kept), c.truncated)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugins_cannot_set_loader_or_lookup_variables() {
+        for name in ["LD_PRELOAD", "ld_library_path", "DYLD_INSERT_LIBRARIES", "PATH", "NODE_OPTIONS", "PYTHONPATH", "HOME", "A=B", ""] {
+            assert!(check_plugin_env(name, "x").is_err(), "{name} should be refused");
+        }
+        for name in ["CLAUDE_CODE_MAX_RETRIES", "GEMINI_CLI_TRUST_WORKSPACE", "NO_COLOR"] {
+            assert!(check_plugin_env(name, "1").is_ok(), "{name} should be allowed");
+        }
+    }
+}

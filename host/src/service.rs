@@ -1,0 +1,384 @@
+//! Runs one request against one service: the plugin builds the command, the executor runs
+//! it, the plugin reads the result. Every way of failing ends as a classified outcome.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServiceConfig;
+use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
+use crate::process::{self, SpawnError, Status, Stopped};
+
+/// Why a request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    RateLimited,
+    QuotaExhausted,
+    Auth,
+    Transient,
+    Timeout,
+    InvalidRequest,
+    NotInstalled,
+    PluginError,
+    Other,
+    /// The user interrupted the run.
+    Cancelled,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::RateLimited => "rate-limited",
+            FailureKind::QuotaExhausted => "quota-exhausted",
+            FailureKind::Auth => "auth",
+            FailureKind::Transient => "transient",
+            FailureKind::Timeout => "timeout",
+            FailureKind::InvalidRequest => "invalid-request",
+            FailureKind::NotInstalled => "not-installed",
+            FailureKind::PluginError => "plugin-error",
+            FailureKind::Other => "other",
+            FailureKind::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl From<wit::FailureKind> for FailureKind {
+    fn from(kind: wit::FailureKind) -> Self {
+        match kind {
+            wit::FailureKind::RateLimited => FailureKind::RateLimited,
+            wit::FailureKind::QuotaExhausted => FailureKind::QuotaExhausted,
+            wit::FailureKind::Auth => FailureKind::Auth,
+            wit::FailureKind::Transient => FailureKind::Transient,
+            wit::FailureKind::Timeout => FailureKind::Timeout,
+            wit::FailureKind::InvalidRequest => FailureKind::InvalidRequest,
+            wit::FailureKind::NotInstalled => FailureKind::NotInstalled,
+            wit::FailureKind::PluginError => FailureKind::PluginError,
+            wit::FailureKind::Other => FailureKind::Other,
+        }
+    }
+}
+
+/// A classified failure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failure {
+    pub kind: FailureKind,
+    pub message: String,
+    pub retry_after_ms: Option<u64>,
+}
+
+impl Failure {
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
+        Failure { kind, message: message.into(), retry_after_ms: None }
+    }
+}
+
+/// Token usage of a request; `estimated` when the service reported none and the host
+/// counted about 4 characters a token.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Tokens {
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    pub total: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning: Option<u64>,
+    pub estimated: bool,
+}
+
+/// The result of a request to a service, successful or not.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub service: String,
+    pub success: bool,
+    pub text: Option<String>,
+    pub model: Option<String>,
+    pub tokens: Tokens,
+    pub cost_usd: Option<f64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub duration_ms: u64,
+    pub attempts: u32,
+    pub truncated: bool,
+    pub error: Option<Failure>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// An outcome for a request that failed before or without a finished process.
+    pub fn failed(service: &str, failure: Failure) -> Outcome {
+        Outcome {
+            service: service.to_string(),
+            success: false,
+            text: None,
+            model: None,
+            tokens: Tokens::default(),
+            cost_usd: None,
+            exit_code: None,
+            signal: None,
+            duration_ms: 0,
+            attempts: 1,
+            truncated: false,
+            error: Some(failure),
+            stdout: String::new(),
+            stderr: String::new(),
+        }
+    }
+}
+
+/// What the user asks of a service.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub prompt: String,
+    /// Checked, absolute paths (see [`check_files`]).
+    pub files: Vec<PathBuf>,
+    pub model: Option<String>,
+    pub options: Vec<(String, String)>,
+    /// Overrides the service's timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// Checks that every file exists, is a regular file and can be read; returns absolute paths.
+pub fn check_files(files: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
+    files
+        .iter()
+        .map(|f| {
+            let meta = std::fs::metadata(f).map_err(|e| format!("file {}: {e}", f.display()))?;
+            if !meta.is_file() {
+                return Err(format!("file {}: not a regular file", f.display()));
+            }
+            std::fs::File::open(f).map_err(|e| format!("file {}: cannot be read: {e}", f.display()))?;
+            std::path::absolute(f).map_err(|e| format!("file {}: {e}", f.display()))
+        })
+        .collect()
+}
+
+/// A configured service with its plugin loaded.
+#[derive(Clone)]
+pub struct Service {
+    pub config: ServiceConfig,
+    pub info: wit::PluginInfo,
+    plugin: Plugin,
+    view: Arc<wit::Service>,
+}
+
+impl Service {
+    /// Loads the service's plugin and asks it for its info.
+    pub fn load(runtime: &Runtime, config: &ServiceConfig) -> Result<Service> {
+        let limits = PluginLimits { memory: config.limits.plugin_memory, time: config.limits.plugin_time };
+        let plugin = runtime
+            .load(&config.plugin, limits)
+            .with_context(|| format!("service {}", config.name))?;
+        let info = plugin.info().with_context(|| format!("service {}", config.name))?;
+        let view = Arc::new(wit::Service {
+            name: config.name.clone(),
+            command: config.command.clone(),
+            default_model: config.default_model.clone(),
+            models: config.models.clone(),
+            settings: config.settings.clone(),
+        });
+        Ok(Service { config: config.clone(), info, plugin, view })
+    }
+
+    /// Asks the plugin whether the service's settings are right.
+    pub fn validate(&self) -> Result<Result<(), String>> {
+        self.plugin.validate(&self.view)
+    }
+
+    /// The plugin's health check command, if it has one.
+    pub fn health_command(&self) -> Result<Option<wit::Command>> {
+        self.plugin.health_command(&self.view)
+    }
+
+    fn fail(&self, kind: FailureKind, message: impl Into<String>) -> Outcome {
+        Outcome::failed(&self.config.name, Failure::new(kind, message))
+    }
+
+    /// Runs one attempt of `request`; never returns an error, only failed outcomes.
+    pub async fn call(&self, request: &Request, cancel: &CancellationToken) -> Outcome {
+        let name = &self.config.name;
+        let wit_request = match self.wit_request(request) {
+            Ok(r) => Arc::new(r),
+            Err(message) => return self.fail(FailureKind::InvalidRequest, format!("service {name}: {message}")),
+        };
+        let built = {
+            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
+            blocking(move || plugin.build_command(&view, &req)).await
+        };
+        let command = match built {
+            Ok(Ok(command)) => command,
+            Ok(Err(failure)) => return Outcome::failed(name, plugin_failure(failure)),
+            Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: {e:#}")),
+        };
+        let mut env: Vec<(String, String)> = self.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (key, value) in command.env {
+            if let Err(why) = process::check_plugin_env(&key, &value) {
+                return self.fail(FailureKind::PluginError, format!("service {name}: plugin {}: {why}", self.plugin.source()));
+            }
+            env.push((key, value));
+        }
+        let limits = &self.config.limits;
+        let spec = process::Spec {
+            program: self.config.command.clone(),
+            args: command.args,
+            env,
+            stdin: command.stdin,
+            timeout: request.timeout.unwrap_or(limits.timeout),
+            idle_timeout: limits.idle_timeout,
+            kill_grace: limits.kill_grace,
+            max_output: limits.max_output,
+        };
+        let finished = match process::run(&spec, cancel).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                let (kind, hint) = match e {
+                    SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => {
+                        (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
+                    }
+                    SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
+                    SpawnError::Other { .. } => (FailureKind::Other, ""),
+                };
+                return self.fail(kind, format!("service {name}: {e}{hint}"));
+            }
+        };
+        let (exit_code, signal) = match finished.status {
+            Status::Code(c) => (Some(c), None),
+            Status::Signal(s) => (None, Some(s)),
+        };
+        let mut outcome = Outcome {
+            service: name.clone(),
+            success: false,
+            text: None,
+            model: None,
+            tokens: Tokens::default(),
+            cost_usd: None,
+            exit_code,
+            signal,
+            duration_ms: finished.duration.as_millis() as u64,
+            attempts: 1,
+            truncated: finished.stdout_truncated || finished.stderr_truncated,
+            error: None,
+            stdout: String::from_utf8_lossy(&finished.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&finished.stderr).into_owned(),
+        };
+        if let Some(stopped) = finished.stopped {
+            let (kind, message) = match stopped {
+                Stopped::Timeout => (
+                    FailureKind::Timeout,
+                    format!("service {name}: timed out after {:?}; its process group was killed", spec.timeout),
+                ),
+                Stopped::Idle => (
+                    FailureKind::Timeout,
+                    format!(
+                        "service {name}: printed nothing for {:?} (idle_timeout); its process group was killed",
+                        spec.idle_timeout.unwrap_or_default()
+                    ),
+                ),
+                Stopped::Cancelled => (FailureKind::Cancelled, format!("service {name}: cancelled")),
+            };
+            outcome.error = Some(Failure::new(kind, message));
+            return outcome;
+        }
+        let output = wit::Output {
+            status: match finished.status {
+                Status::Code(c) => wit::ExitStatus::Code(c),
+                Status::Signal(s) => wit::ExitStatus::Signal(s),
+            },
+            stdout: finished.stdout,
+            stderr: finished.stderr,
+            duration_ms: outcome.duration_ms,
+            stdout_truncated: finished.stdout_truncated,
+            stderr_truncated: finished.stderr_truncated,
+        };
+        let parsed = {
+            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
+            blocking(move || plugin.parse_output(&view, &req, &output)).await
+        };
+        match parsed {
+            Ok(Ok(response)) => {
+                outcome.success = true;
+                outcome.tokens = tokens(response.usage, &request.prompt, &response.text);
+                outcome.model = response.model;
+                outcome.cost_usd = response.cost_usd;
+                outcome.text = Some(response.text);
+            }
+            Ok(Err(failure)) => outcome.error = Some(plugin_failure(failure)),
+            Err(e) => outcome.error = Some(Failure::new(FailureKind::PluginError, format!("service {name}: {e:#}"))),
+        }
+        outcome
+    }
+
+    /// The request as the plugin sees it: files with their contents when it asks for them.
+    fn wit_request(&self, request: &Request) -> Result<wit::Request, String> {
+        let files = request
+            .files
+            .iter()
+            .map(|path| {
+                let contents = if self.info.needs_file_contents {
+                    Some(read_capped(path, self.config.limits.max_file_size)?)
+                } else {
+                    None
+                };
+                Ok(wit::File { path: path.to_string_lossy().into_owned(), contents })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(wit::Request {
+            prompt: request.prompt.clone(),
+            files,
+            model: request.model.clone(),
+            options: request.options.clone(),
+        })
+    }
+}
+
+/// Reads a file the plugin asked for, refusing one larger than `cap`.
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("file {}: {e}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("file {}: {e}", path.display()))?;
+    if bytes.len() as u64 > cap {
+        return Err(format!(
+            "file {} is larger than max_file_size ({} bytes); raise max_file_size or attach a smaller file",
+            path.display(),
+            cap
+        ));
+    }
+    Ok(bytes)
+}
+
+fn plugin_failure(f: wit::Failure) -> Failure {
+    Failure { kind: f.kind.into(), message: f.message, retry_after_ms: f.retry_after_ms }
+}
+
+/// Usage as reported, or estimated at about 4 characters a token when there is none.
+fn tokens(usage: Option<wit::Usage>, prompt: &str, answer: &str) -> Tokens {
+    match usage {
+        Some(u) => Tokens {
+            input: u.input,
+            output: u.output,
+            total: u.total.or_else(|| Some(u.input? + u.output?)),
+            cached: u.cached,
+            reasoning: u.reasoning,
+            estimated: false,
+        },
+        None => {
+            let estimate = |text: &str| (text.chars().count() as u64).div_ceil(4);
+            let (input, output) = (estimate(prompt), estimate(answer));
+            Tokens { input: Some(input), output: Some(output), total: Some(input + output), cached: None, reasoning: None, estimated: true }
+        }
+    }
+}
+
+/// Runs a plugin call off the async threads: a call may use its whole CPU budget.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.context("plugin call panicked")?
+}

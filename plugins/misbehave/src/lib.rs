@@ -1,0 +1,109 @@
+//! A deliberately misbehaving plugin, used only by the host's tests to prove that a broken
+//! or hostile plugin fails its own service and never the host. `settings.mode` picks the
+//! misbehaviour; "ok" behaves (the prompt becomes the only argument).
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "service-plugin",
+});
+
+use exechost::service::types::{Command, Failure, FailureKind, Output, PluginInfo, Request, Response, Service};
+use exports::exechost::service::plugin::Guest;
+
+struct Misbehave;
+
+fn mode(service: &Service) -> String {
+    serde_json::from_str::<serde_json::Value>(&service.settings)
+        .ok()
+        .and_then(|v| v.get("mode").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "ok".into())
+}
+
+/// Runs the misbehaviour named `mode` if the current phase is the one it targets.
+fn misbehave(mode: &str, phase: &str) -> Option<Command> {
+    let (what, when) = mode.split_once('@').unwrap_or((mode, "build"));
+    if when != phase {
+        return None;
+    }
+    match what {
+        "trap" => panic!("misbehave: deliberate trap"),
+        "loop" => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        "alloc" => {
+            let big = vec![1u8; 1 << 30];
+            std::hint::black_box(&big);
+            None
+        }
+        "stderr" => {
+            eprintln!("misbehave: a line on the plugin's stderr");
+            None
+        }
+        "hijack-env" => Some(Command {
+            args: vec!["x".into()],
+            env: vec![("LD_PRELOAD".into(), "/tmp/evil.so".into())],
+            stdin: None,
+        }),
+        "path-env" => Some(Command {
+            args: vec!["x".into()],
+            env: vec![("PATH".into(), "/tmp/evil".into())],
+            stdin: None,
+        }),
+        _ => None,
+    }
+}
+
+impl Guest for Misbehave {
+    fn info() -> PluginInfo {
+        PluginInfo {
+            name: "misbehave".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "Test plugin that traps, loops or allocates on request".into(),
+            supports_files: false,
+            supports_stdin: false,
+            needs_file_contents: true,
+            models: Vec::new(),
+        }
+    }
+
+    fn validate(service: Service) -> Result<(), String> {
+        misbehave(&mode(&service), "validate");
+        Ok(())
+    }
+
+    fn build_command(service: Service, request: Request) -> Result<Command, Failure> {
+        if let Some(cmd) = misbehave(&mode(&service), "build") {
+            return Ok(cmd);
+        }
+        // With file contents handed over, echo them after the prompt so tests can see them.
+        let mut args = vec![request.prompt];
+        for file in request.files {
+            let contents = file.contents.ok_or_else(|| Failure {
+                kind: FailureKind::PluginError,
+                message: "the host did not hand over file contents".into(),
+                retry_after_ms: None,
+            })?;
+            args.push(String::from_utf8_lossy(&contents).into_owned());
+        }
+        Ok(Command { args, env: vec![("EXECHOST_TEST_VAR".into(), "set-by-plugin".into())], stdin: None })
+    }
+
+    fn parse_output(service: Service, _request: Request, output: Output) -> Result<Response, Failure> {
+        misbehave(&mode(&service), "parse");
+        Ok(Response {
+            text: String::from_utf8_lossy(&output.stdout).trim_end().to_string(),
+            model: None,
+            usage: None,
+            cost_usd: None,
+        })
+    }
+
+    fn health_command(_service: Service) -> Option<Command> {
+        None
+    }
+}
+
+export!(Misbehave);
