@@ -301,7 +301,9 @@ impl Plugin {
                 Some(trap) => format!("trapped: {trap}"),
                 None => format!("failed: {e:#}"),
             };
-            let tail: String = printed.lines().last().unwrap_or_default().chars().take(300).collect();
+            // The last two lines that are not hints: a Rust panic prints where, then what.
+            let lines: Vec<&str> = printed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with("note:")).collect();
+            let tail: String = lines[lines.len().saturating_sub(2)..].join(" ").chars().take(300).collect();
             let said = if tail.is_empty() { String::new() } else { format!(" (its stderr: {tail})") };
             anyhow!("plugin {} {what} in {function}{said}", inner.source)
         })

@@ -12,11 +12,12 @@ use exports::exechost::service::plugin::Guest;
 
 struct Misbehave;
 
+fn setting(service: &Service, key: &str) -> Option<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&service.settings).ok()?.get(key).cloned()
+}
+
 fn mode(service: &Service) -> String {
-    serde_json::from_str::<serde_json::Value>(&service.settings)
-        .ok()
-        .and_then(|v| v.get("mode").and_then(|m| m.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "ok".into())
+    setting(service, "mode").and_then(|m| m.as_str().map(str::to_string)).unwrap_or_else(|| "ok".into())
 }
 
 /// Runs the misbehaviour named `mode` if the current phase is the one it targets.
@@ -78,8 +79,11 @@ impl Guest for Misbehave {
         if let Some(cmd) = misbehave(&mode(&service), "build") {
             return Ok(cmd);
         }
-        // With file contents handed over, echo them after the prompt so tests can see them.
-        let mut args = vec![request.prompt];
+        // `settings.args`, then the prompt, then the contents of each file handed over.
+        let mut args: Vec<String> = setting(&service, "args")
+            .and_then(|a| serde_json::from_value(a).ok())
+            .unwrap_or_default();
+        args.push(request.prompt);
         for file in request.files {
             let contents = file.contents.ok_or_else(|| Failure {
                 kind: FailureKind::PluginError,

@@ -1,0 +1,71 @@
+//! services.toml errors through the real binary: file, line, column, service, exit code 2.
+
+mod common;
+
+use common::Sandbox;
+
+fn config_error(text: &str) -> String {
+    let sandbox = Sandbox::new(text);
+    let run = sandbox.run(&["run", "x", "hi"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains(&sandbox.path("services.toml").display().to_string()), "names the file: {}", run.stderr);
+    run.stderr
+}
+
+#[test]
+fn a_syntax_error_names_line_and_column() {
+    let err = config_error("[services.x]\nplugin = \"template\"\ncommand = \"echo\n");
+    assert!(err.contains("line 3, column"), "{err}");
+    assert!(err.contains("service x"), "{err}");
+}
+
+#[test]
+fn an_unknown_key_is_an_error_naming_the_service() {
+    let err = config_error("[services.x]\nplugin = \"template\"\ncommand = \"echo\"\n\n[services.y]\nplugin = \"template\"\ncommand = \"echo\"\ntimout = \"1s\"\n");
+    assert!(err.contains("line 8") && err.contains("service y") && err.contains("timout"), "{err}");
+}
+
+#[test]
+fn a_bad_duration_says_how_to_write_one() {
+    let err = config_error("[services.x]\nplugin = \"template\"\ncommand = \"echo\"\ntimeout = \"ten\"\n");
+    assert!(err.contains("line 4") && err.contains("\"90s\""), "{err}");
+}
+
+#[test]
+fn an_unknown_builtin_plugin_lists_the_builtins() {
+    let err = config_error("[services.x]\nplugin = \"gemeni\"\ncommand = \"echo\"\n");
+    assert!(err.contains(":2:10: service x: unknown built-in plugin `gemeni`"), "{err}");
+}
+
+#[test]
+fn the_reserved_name_all_is_refused() {
+    let err = config_error("[services.all]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    assert!(err.contains("reserved"), "{err}");
+}
+
+#[test]
+fn exechost_config_is_used_when_no_option_is_given() {
+    let sandbox = Sandbox::new("[services.viaenv]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_host"))
+        .args(["run", "viaenv", "found"])
+        .current_dir(std::env::temp_dir())
+        .env("EXECHOST_CONFIG", sandbox.path("services.toml"))
+        .env("XDG_CACHE_HOME", &sandbox.cache)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "found\n");
+}
+
+#[test]
+fn the_builtin_configuration_is_the_last_resort() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_host"))
+        .args(["run", "echo", "built in"])
+        .current_dir(empty.path())
+        .env_remove("EXECHOST_CONFIG")
+        .env("XDG_CONFIG_HOME", empty.path())
+        .env("XDG_CACHE_HOME", common::shared_cache())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "built in\n", "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -1,0 +1,171 @@
+//! The plugin runtime through the real binary: a broken or hostile plugin fails its own
+//! service with a clear message, never the host; compiled plugins are cached.
+
+mod common;
+
+use common::Sandbox;
+
+fn misbehaving(mode: &str, extra: &str) -> Sandbox {
+    Sandbox::new(&format!(
+        r#"
+[services.bad]
+plugin = "@MISBEHAVE@"
+command = "echo"
+{extra}
+settings = {{ mode = "{mode}" }}
+
+[services.good]
+plugin = "template"
+command = "echo"
+"#
+    ))
+}
+
+fn plugin_error(sandbox: &Sandbox) -> String {
+    let run = sandbox.run(&["run", "bad", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["kind"], "plugin-error", "{j}");
+    let message = j["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("misbehave_plugin.wasm"), "the message names the plugin: {message}");
+    // The host is unharmed: another service still answers.
+    let good = sandbox.run(&["run", "good", "still fine"]);
+    assert_eq!((good.code, good.stdout.as_str()), (0, "still fine\n"));
+    message
+}
+
+#[test]
+fn a_plugin_that_traps_fails_its_service_with_the_panic_message() {
+    let message = plugin_error(&misbehaving("trap", ""));
+    assert!(message.contains("trapped") && message.contains("build-command"), "{message}");
+    assert!(message.contains("deliberate trap"), "the plugin's stderr is quoted: {message}");
+}
+
+#[test]
+fn a_plugin_that_loops_forever_is_stopped_by_its_time_limit() {
+    let message = plugin_error(&misbehaving("loop", "plugin_time = \"200ms\""));
+    assert!(message.contains("CPU time limit of 200ms"), "{message}");
+}
+
+#[test]
+fn a_plugin_that_allocates_too_much_is_stopped_by_its_memory_limit() {
+    let message = plugin_error(&misbehaving("alloc", "plugin_memory = \"16MiB\""));
+    assert!(message.contains("memory limit of 16 MiB"), "{message}");
+}
+
+#[test]
+fn a_plugin_that_traps_while_parsing_output_fails_after_the_command_ran() {
+    let message = plugin_error(&misbehaving("trap@parse", ""));
+    assert!(message.contains("parse-output"), "{message}");
+}
+
+#[test]
+fn a_plugin_cannot_set_ld_preload_or_path() {
+    for mode in ["hijack-env", "path-env"] {
+        let message = plugin_error(&misbehaving(mode, ""));
+        assert!(message.contains("may not set"), "{message}");
+    }
+}
+
+#[test]
+fn plugin_stderr_goes_to_the_debug_log_only() {
+    let sandbox = misbehaving("stderr", "");
+    let quiet = sandbox.run(&["run", "bad", "x"]);
+    assert_eq!(quiet.code, 0, "{quiet:?}");
+    assert!(!quiet.stderr.contains("a line on the plugin's stderr"), "{}", quiet.stderr);
+    let verbose = sandbox.run(&["-vv", "run", "bad", "x"]);
+    assert!(verbose.stderr.contains("a line on the plugin's stderr"), "{}", verbose.stderr);
+}
+
+#[test]
+fn a_plugin_that_needs_file_contents_gets_them_from_the_host() {
+    let sandbox = misbehaving("ok", "");
+    std::fs::write(sandbox.path("note.txt"), "contents of the note").unwrap();
+    let run = sandbox.run(&["run", "bad", "-f", "note.txt", "prompt"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "prompt contents of the note\n");
+}
+
+#[test]
+fn a_file_over_max_file_size_is_refused() {
+    let sandbox = misbehaving("ok", "max_file_size = 10");
+    std::fs::write(sandbox.path("big.txt"), "more than ten bytes").unwrap();
+    let run = sandbox.run(&["run", "bad", "--json", "-f", "big.txt", "prompt"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["kind"], "invalid-request");
+    assert!(j["error"]["message"].as_str().unwrap().contains("max_file_size"), "{j}");
+}
+
+fn with_plugin_file(bytes: &[u8]) -> Sandbox {
+    let sandbox = Sandbox::new(
+        r#"
+[services.broken]
+plugin = "broken.wasm"
+command = "echo"
+"#,
+    );
+    std::fs::write(sandbox.path("broken.wasm"), bytes).unwrap();
+    sandbox
+}
+
+fn broken_message(sandbox: &Sandbox) -> String {
+    let run = sandbox.run(&["run", "broken", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["kind"], "plugin-error");
+    let message = j["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains(&sandbox.path("broken.wasm").display().to_string()), "names the path: {message}");
+    message
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_a_clear_plugin_error() {
+    let message = broken_message(&with_plugin_file(b"#!/bin/sh\necho hi\n"));
+    assert!(message.contains("not a WebAssembly file"), "{message}");
+}
+
+#[test]
+fn a_core_module_is_not_a_component() {
+    let message = broken_message(&with_plugin_file(b"\0asm\x01\0\0\0"));
+    assert!(message.contains("core WebAssembly module, not a component"), "{message}");
+}
+
+#[test]
+fn a_component_of_another_world_is_refused() {
+    // The smallest valid component: a header with no sections, so it exports nothing.
+    let message = broken_message(&with_plugin_file(b"\0asm\x0d\0\x01\0"));
+    assert!(message.contains("does not export exechost:service/plugin@0.1.0"), "{message}");
+}
+
+#[test]
+fn a_missing_plugin_file_is_a_configuration_error_with_its_position() {
+    let sandbox = Sandbox::new("[services.x]\nplugin = \"plugins/missing.wasm\"\ncommand = \"echo\"\n");
+    let run = sandbox.run(&["run", "x", "hi"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("services.toml:2:10: service x: plugin file"), "{}", run.stderr);
+    assert!(run.stderr.contains("missing.wasm does not exist"), "{}", run.stderr);
+}
+
+#[test]
+fn the_second_run_loads_the_compiled_plugin_from_the_cache() {
+    let sandbox = Sandbox::with_own_cache("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    assert_eq!(sandbox.run(&["run", "echo", "one"]).code, 0);
+    let cached: Vec<_> = std::fs::read_dir(sandbox.cache.join("exechost/plugins")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    let written = std::fs::metadata(&cached[0]).unwrap().modified().unwrap();
+    let debug = sandbox.run(&["-vv", "run", "echo", "two"]);
+    assert_eq!(debug.stdout, "two\n");
+    assert_eq!(std::fs::metadata(&cached[0]).unwrap().modified().unwrap(), written, "recompiled");
+}
+
+#[test]
+fn a_corrupt_cache_entry_is_recompiled() {
+    let sandbox = Sandbox::with_own_cache("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    assert_eq!(sandbox.run(&["run", "echo", "one"]).code, 0);
+    let entry = std::fs::read_dir(sandbox.cache.join("exechost/plugins")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&entry, b"garbage").unwrap();
+    let run = sandbox.run(&["run", "echo", "two"]);
+    assert_eq!((run.code, run.stdout.as_str()), (0, "two\n"), "{run:?}");
+    assert_ne!(std::fs::read(&entry).unwrap(), b"garbage", "the entry was rewritten");
+}

@@ -1,0 +1,159 @@
+//! The executor through the real binary: timeouts kill the whole process group, output is
+//! capped in bounded memory, large stdin does not deadlock, Ctrl-C leaves nothing behind.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Sandbox, alive, eventually, read_pid};
+
+fn hang_sandbox(mode: &str, limits: &str) -> Sandbox {
+    Sandbox::new(&format!(
+        r#"
+[services.hang]
+plugin = "template"
+command = "@FAKE@"
+{limits}
+settings = {{ args = ["{mode}", "@DIR@", "{{prompt}}"] }}
+"#
+    ))
+}
+
+#[test]
+fn a_timeout_kills_the_command_and_its_grandchild() {
+    let sandbox = hang_sandbox("hang", "timeout = \"1s\"");
+    let run = sandbox.run(&["run", "hang", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["kind"], "timeout");
+    assert!(j["error"]["message"].as_str().unwrap().contains("timed out after 1s"), "{j}");
+    let (child, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    assert!(eventually(Duration::from_secs(5), || !alive(child) && !alive(grandchild)), "a process survived");
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let sandbox = hang_sandbox("hang-stubborn", "timeout = \"1s\"\nkill_grace = \"500ms\"");
+    let run = sandbox.run(&["run", "hang", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert_eq!(run.json()["error"]["kind"], "timeout");
+    assert_eq!(run.json()["signal"], 9, "SIGKILL ended it");
+    let (child, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    assert!(eventually(Duration::from_secs(5), || !alive(child) && !alive(grandchild)), "a process survived");
+}
+
+#[test]
+fn the_timeout_option_overrides_the_configured_one() {
+    let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
+    let started = Instant::now();
+    let run = sandbox.run(&["run", "hang", "--timeout", "500ms", "--json", "x"]);
+    assert_eq!(run.json()["error"]["kind"], "timeout");
+    assert!(started.elapsed() < Duration::from_secs(60), "the 300 s timeout was used");
+}
+
+#[test]
+fn an_idle_command_is_killed_after_the_idle_timeout() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.idle]
+plugin = "template"
+command = "@FAKE@"
+idle_timeout = "1s"
+settings = { args = ["idle", "{prompt}"] }
+"#,
+    );
+    let run = sandbox.run(&["run", "idle", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["kind"], "timeout");
+    assert!(j["error"]["message"].as_str().unwrap().contains("idle_timeout"), "{j}");
+    assert_eq!(j["stdout"], "started\n", "output before the kill is kept");
+}
+
+#[test]
+fn sigint_to_host_stops_the_command_group_and_exits_130() {
+    let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
+    let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    // SAFETY: sending a signal to a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
+}
+
+/// Runs `host` and returns its exit code and peak resident memory in KiB (from wait4).
+fn run_measuring_rss(sandbox: &Sandbox, args: &[&str]) -> (i32, String, i64) {
+    use std::io::Read;
+    let mut child = sandbox.host().args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid value; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    let out = reader.join().unwrap();
+    (libc::WEXITSTATUS(status), out, usage.ru_maxrss)
+}
+
+#[test]
+fn a_100_mib_stdout_is_capped_in_bounded_memory() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.flood]
+plugin = "template"
+command = "@FAKE@"
+max_output = "1MiB"
+settings = { args = ["flood", "{prompt}"] }
+"#,
+    );
+    let (code, out, max_rss_kib) = run_measuring_rss(&sandbox, &["run", "flood", "--json", "100"]);
+    assert_eq!(code, 0, "{out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["truncated"], true);
+    assert_eq!(j["text"].as_str().unwrap().len(), 1 << 20);
+    assert!(max_rss_kib < 80 * 1024, "peak RSS {max_rss_kib} KiB: output was not capped");
+}
+
+#[test]
+fn a_10_mib_prompt_on_stdin_does_not_deadlock() {
+    // `cat` writes everything back while the host is still writing its stdin.
+    let sandbox = Sandbox::new(
+        r#"
+[services.cat]
+plugin = "template"
+command = "cat"
+timeout = "60s"
+settings = { args = [], stdin = "prompt" }
+"#,
+    );
+    let prompt = "0123456789abcdef".repeat(10 << 16);
+    let run = sandbox.run_with_stdin(&["run", "cat", "--json", "-"], prompt.as_bytes());
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let j = run.json();
+    assert_eq!(j["truncated"], false);
+    assert_eq!(j["text"].as_str().unwrap().len(), 10 << 20);
+    assert!(j["text"].as_str().unwrap() == prompt);
+}
+
+#[test]
+fn without_stdin_the_command_reads_dev_null_not_an_open_pipe() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.stdin]
+plugin = "template"
+command = "@FAKE@"
+timeout = "20s"
+settings = { args = ["stdin", "{prompt}"] }
+"#,
+    );
+    // fake-cli's stdin mode reads to end of file: with an open pipe it would hang.
+    let run = sandbox.run(&["run", "stdin", "--json", "x"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.json()["text"].as_str().unwrap().starts_with("0 "), "{run:?}");
+}
