@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod dirs;
+pub mod outcome;
 pub mod plugin;
 pub mod process;
 pub mod service;

@@ -105,7 +105,7 @@ impl Runtime {
             .total_tables(512)
             .total_stacks(256)
             .max_memory_size(usize::try_from(max_memory.max(1 << 20)).unwrap_or(usize::MAX))
-            .linear_memory_keep_resident(1 << 20)
+            .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);
         let mut config = Config::new();
         config

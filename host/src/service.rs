@@ -6,46 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServiceConfig;
+pub use crate::outcome::{Failure, FailureKind, Outcome, Tokens};
 use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
 use crate::process::{self, SpawnError, Status, Stopped};
-
-/// Why a request failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum FailureKind {
-    RateLimited,
-    QuotaExhausted,
-    Auth,
-    Transient,
-    Timeout,
-    InvalidRequest,
-    NotInstalled,
-    PluginError,
-    Other,
-    /// The user interrupted the run.
-    Cancelled,
-}
-
-impl FailureKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailureKind::RateLimited => "rate-limited",
-            FailureKind::QuotaExhausted => "quota-exhausted",
-            FailureKind::Auth => "auth",
-            FailureKind::Transient => "transient",
-            FailureKind::Timeout => "timeout",
-            FailureKind::InvalidRequest => "invalid-request",
-            FailureKind::NotInstalled => "not-installed",
-            FailureKind::PluginError => "plugin-error",
-            FailureKind::Other => "other",
-            FailureKind::Cancelled => "cancelled",
-        }
-    }
-}
 
 impl From<wit::FailureKind> for FailureKind {
     fn from(kind: wit::FailureKind) -> Self {
@@ -59,75 +25,6 @@ impl From<wit::FailureKind> for FailureKind {
             wit::FailureKind::NotInstalled => FailureKind::NotInstalled,
             wit::FailureKind::PluginError => FailureKind::PluginError,
             wit::FailureKind::Other => FailureKind::Other,
-        }
-    }
-}
-
-/// A classified failure.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Failure {
-    pub kind: FailureKind,
-    pub message: String,
-    pub retry_after_ms: Option<u64>,
-}
-
-impl Failure {
-    pub fn new(kind: FailureKind, message: impl Into<String>) -> Failure {
-        Failure { kind, message: message.into(), retry_after_ms: None }
-    }
-}
-
-/// Token usage of a request; `estimated` when the service reported none and the host
-/// counted about 4 characters a token.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Tokens {
-    pub input: Option<u64>,
-    pub output: Option<u64>,
-    pub total: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cached: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reasoning: Option<u64>,
-    pub estimated: bool,
-}
-
-/// The result of a request to a service, successful or not.
-#[derive(Debug, Clone, Serialize)]
-pub struct Outcome {
-    pub service: String,
-    pub success: bool,
-    pub text: Option<String>,
-    pub model: Option<String>,
-    pub tokens: Tokens,
-    pub cost_usd: Option<f64>,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub duration_ms: u64,
-    pub attempts: u32,
-    pub truncated: bool,
-    pub error: Option<Failure>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl Outcome {
-    /// An outcome for a request that failed before or without a finished process.
-    pub fn failed(service: &str, failure: Failure) -> Outcome {
-        Outcome {
-            service: service.to_string(),
-            success: false,
-            text: None,
-            model: None,
-            tokens: Tokens::default(),
-            cost_usd: None,
-            exit_code: None,
-            signal: None,
-            duration_ms: 0,
-            attempts: 1,
-            truncated: false,
-            error: Some(failure),
-            stdout: String::new(),
-            stderr: String::new(),
         }
     }
 }

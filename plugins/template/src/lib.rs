@@ -46,21 +46,11 @@ impl Guest for Template {
     }
 
     fn build_command(service: Service, request: Request) -> Result<Command, Failure> {
-        let settings = Settings::parse(&service.settings).map_err(|message| Failure {
-            kind: FailureKind::PluginError,
-            message: format!("service {}: {message}", service.name),
-            retry_after_ms: None,
-        })?;
-        build(&service, &settings, &request)
+        build(&service, &settings_of(&service)?, &request)
     }
 
     fn parse_output(service: Service, request: Request, output: Output) -> Result<Response, Failure> {
-        let settings = Settings::parse(&service.settings).map_err(|message| Failure {
-            kind: FailureKind::PluginError,
-            message: format!("service {}: {message}", service.name),
-            retry_after_ms: None,
-        })?;
-        parse(&service, &settings, &request, &output)
+        parse(&service, &request, &output)
     }
 
     fn health_command(service: Service) -> Option<Command> {
@@ -73,6 +63,15 @@ impl Guest for Template {
 }
 
 export!(Template);
+
+/// The service's settings; a mistake in them is the plugin's failure to run the service.
+fn settings_of(service: &Service) -> Result<Settings, Failure> {
+    Settings::parse(&service.settings).map_err(|message| Failure {
+        kind: FailureKind::PluginError,
+        message: format!("service {}: {message}", service.name),
+        retry_after_ms: None,
+    })
+}
 
 fn invalid(service: &Service, message: String) -> Failure {
     Failure {
@@ -156,12 +155,7 @@ fn render(pieces: &[Piece], prompt: &str, model: Option<&str>, file: Option<&str
     out
 }
 
-fn parse(
-    service: &Service,
-    settings: &Settings,
-    request: &Request,
-    output: &Output,
-) -> Result<Response, Failure> {
+fn parse(service: &Service, request: &Request, output: &Output) -> Result<Response, Failure> {
     let stdout = String::from_utf8_lossy(&output.stdout);
     if let ExitStatus::Code(0) = output.status {
         let text = stdout.strip_suffix('\n').unwrap_or(&stdout);
@@ -173,6 +167,8 @@ fn parse(
             cost_usd: None,
         });
     }
+    // Only a failure needs the settings (for the classification patterns).
+    let settings = settings_of(service)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let haystack = format!("{stderr}\n{stdout}").to_lowercase();
     let kind = settings.patterns.classify(&haystack);
