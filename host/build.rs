@@ -7,7 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Plugin crates to build: (package, artifact file stem).
-const PLUGINS: &[(&str, &str)] = &[("template-plugin", "template_plugin"), ("misbehave-plugin", "misbehave_plugin")];
+const PLUGINS: &[(&str, &str)] = &[
+    ("template-plugin", "template_plugin"),
+    ("misbehave-plugin", "misbehave_plugin"),
+    ("future-plugin", "future_plugin"),
+];
 
 const TARGET: &str = "wasm32-wasip2";
 

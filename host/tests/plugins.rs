@@ -169,3 +169,10 @@ fn a_corrupt_cache_entry_is_recompiled() {
     assert_eq!((run.code, run.stdout.as_str()), (0, "two\n"), "{run:?}");
     assert_ne!(std::fs::read(&entry).unwrap(), b"garbage", "the entry was rewritten");
 }
+
+#[test]
+fn a_plugin_for_an_incompatible_contract_version_is_refused() {
+    let sandbox = with_plugin_file(&std::fs::read(common::built_plugin("future_plugin")).unwrap());
+    let message = broken_message(&sandbox);
+    assert!(message.contains("targets exechost:service/plugin@0.2.0") && message.contains("0.1.x"), "{message}");
+}
