@@ -1,7 +1,8 @@
 //! The `host` command line: parses arguments, runs the subcommand, prints, picks the exit code.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,7 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, ServiceConfig, parse_duration};
+use crate::dispatch::{self, execute};
+use crate::health::check_all;
+use crate::report;
+use crate::state::State;
 use crate::plugin::Runtime;
 use crate::process::find_program;
 use crate::service::{self, Outcome, Request, Service};
@@ -29,6 +35,13 @@ pub struct Cli {
     /// $XDG_CONFIG_HOME/exechost/services.toml, then the built-in one).
     #[arg(long, global = true, value_name = "PATH")]
     config: Option<PathBuf>,
+    /// The state file (breakers, quotas, usage ledger); default: $EXECHOST_STATE, else
+    /// $XDG_STATE_HOME/exechost/state.db.
+    #[arg(long, global = true, value_name = "PATH")]
+    state: Option<PathBuf>,
+    /// Keep breaker and quota state in memory for this process only, and record no usage.
+    #[arg(long, global = true, conflicts_with = "state")]
+    no_state: bool,
     /// More diagnostics on stderr (-v: info, -vv: debug, including plugin stderr).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -48,6 +61,32 @@ enum Command {
     },
     /// Check the configuration and load every plugin.
     Check {
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Usage per service and day from the ledger: requests, outcomes, tokens, durations.
+    Usage {
+        /// How far back, e.g. 1d, 12h, 30m (default: 7d).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "7d")]
+        since: Duration,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Each service's circuit breaker and quota use.
+    Status {
+        /// Print JSON instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run each service's health check (e.g. `--version`) in parallel.
+    Health {
+        /// Services to check (default: all).
+        services: Vec<String>,
+        /// Time each check may take.
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
+        timeout: Duration,
         /// Print JSON instead of lines.
         #[arg(long)]
         json: bool,
@@ -136,11 +175,28 @@ fn init_logging(verbose: u8) {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let config = Config::locate(cli.config.as_deref()).map_err(Usage::from)?;
+    let state = || open_state(cli.state.as_deref(), cli.no_state);
     match cli.command {
-        Command::Run(args) => run(&config, args).await,
+        Command::Run(args) => run(&config, state()?, args).await,
         Command::List { json } => list(&config, json),
         Command::Check { json } => check(&config, json),
+        Command::Usage { since, json } => usage(&*state()?, since, json),
+        Command::Status { json } => status(&*state()?, &config, json),
+        Command::Health { services, timeout, json } => health(&config, &services, timeout, json).await,
     }
+}
+
+/// The state store: `--state`, `$EXECHOST_STATE`, the XDG default, or memory with `--no-state`.
+fn open_state(explicit: Option<&Path>, none: bool) -> Result<Arc<State>> {
+    if none {
+        return State::in_memory();
+    }
+    let path = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("EXECHOST_STATE").filter(|p| !p.is_empty()).map(PathBuf::from))
+        .or_else(State::default_path)
+        .ok_or_else(|| Usage("no place for the state file: set HOME, XDG_STATE_HOME or --state PATH".into()))?;
+    State::open(&path).map_err(|e| Usage(format!("{e:#}")).into())
 }
 
 fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Result<Runtime> {
@@ -148,7 +204,7 @@ fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Res
     Runtime::new(max_memory, Runtime::default_cache_dir())
 }
 
-async fn run(config: &Config, args: RunArgs) -> Result<ExitCode> {
+async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCode> {
     let service_config = config.service(&args.service).map_err(Usage::from)?;
     let files = service::check_files(&args.files).map_err(Usage)?;
     let prompt = if args.prompt == "-" {
@@ -162,8 +218,9 @@ async fn run(config: &Config, args: RunArgs) -> Result<ExitCode> {
     let runtime = runtime_for([service_config])?;
     let cancel = CancellationToken::new();
     let interrupted = watch_signals(cancel.clone());
+    let ctx = dispatch::Context { state, clock: Arc::new(SystemClock), cancel: cancel.clone() };
     let outcome = match Service::load(&runtime, service_config) {
-        Ok(service) => service.call(&request, &cancel).await,
+        Ok(service) => execute(&service, &request, &ctx).await,
         Err(e) => Outcome::failed(
             &service_config.name,
             service::Failure::new(service::FailureKind::PluginError, format!("{e:#}")),
@@ -329,4 +386,88 @@ fn check(config: &Config, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::from(if rows.iter().all(|r| r.ok) { 0 } else { EXIT_FAILED }))
+}
+
+fn usage(state: &State, since: Duration, json: bool) -> Result<ExitCode> {
+    let now = SystemClock.now();
+    let rows = report::usage(state, now - since.as_millis() as i64)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if rows.is_empty() {
+        writeln!(out, "no requests recorded in the last {since:?}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "{:<12} {:<10} {:>8} {:>8} {:>9} {:>12} {:>10} {:>10}  failures", "service", "day", "requests", "ok", "failed", "tokens", "mean ms", "p95 ms")?;
+    for r in &rows {
+        let failed: u64 = r.failures.values().sum();
+        let kinds: Vec<String> = r.failures.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
+        writeln!(
+            out,
+            "{:<12} {:<10} {:>8} {:>8} {:>9} {:>12} {:>10} {:>10}  {}",
+            r.service,
+            r.day,
+            r.requests,
+            r.successes,
+            failed,
+            r.tokens.total,
+            ms(r.mean_duration_ms),
+            ms(r.p95_duration_ms.map(|v| v as f64)),
+            kinds.join(", ")
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(state: &State, config: &Config, json: bool) -> Result<ExitCode> {
+    let rows = report::status(state, config, SystemClock.now())?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &rows {
+        let mut line = format!("{:<12} breaker {}", r.service, r.breaker);
+        if let Some(until) = &r.open_until {
+            line.push_str(&format!(" until {until}"));
+        }
+        if let Some(reason) = r.trip_reason.as_ref().filter(|_| r.breaker != "closed") {
+            line.push_str(&format!(" ({reason})"));
+        }
+        for (name, quota) in [("rpm", &r.rpm), ("tpm", &r.tpm), ("daily", &r.daily)] {
+            if let Some(q) = quota {
+                line.push_str(&format!("  {name} {}/{}", q.used, q.limit));
+            }
+        }
+        writeln!(out, "{line}")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn health(config: &Config, names: &[String], timeout: Duration, json: bool) -> Result<ExitCode> {
+    let selected: Vec<&ServiceConfig> = if names.is_empty() {
+        config.services.values().collect()
+    } else {
+        names.iter().map(|n| config.service(n).map_err(Usage::from)).collect::<Result<_, _>>()?
+    };
+    let runtime = runtime_for(selected.iter().copied())?;
+    let cancel = CancellationToken::new();
+    let _signals = watch_signals(cancel.clone());
+    let results = check_all(&runtime, &selected, timeout, &cancel).await;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &results)?;
+        writeln!(out)?;
+    } else {
+        for h in &results {
+            let (word, text) = if h.ok { ("OK    ", h.detail.as_deref()) } else { ("FAILED", h.reason.as_deref()) };
+            writeln!(out, "{word} {:<12} {} ({} ms)", h.service, text.unwrap_or_default(), h.duration_ms)?;
+        }
+    }
+    Ok(ExitCode::from(if results.iter().all(|h| h.ok) { 0 } else { EXIT_FAILED }))
 }

@@ -10,6 +10,8 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::outcome::FailureKind;
+
 /// The services.toml built into the binary, used when no other file is found.
 pub const BUILTIN_CONFIG: &str = include_str!("../../services.toml");
 
@@ -59,6 +61,96 @@ pub struct Limits {
     pub plugin_memory: u64,
     /// CPU (wall) time one plugin call may take.
     pub plugin_time: Duration,
+    /// When and how failed attempts are retried.
+    pub retry: RetryPolicy,
+    /// When the service's circuit opens.
+    pub breaker: BreakerPolicy,
+    /// Request and token limits.
+    pub quota: QuotaPolicy,
+    /// How long a request may wait for quota before failing.
+    pub quota_wait: Duration,
+}
+
+/// `retry = { ... }`: exponential backoff with full jitter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (1: no retries).
+    pub max_attempts: u32,
+    /// The wait before the first retry; it doubles with each retry.
+    pub base_delay: Duration,
+    /// No single wait is longer.
+    pub max_delay: Duration,
+    /// No retry starts after this much time since the first attempt.
+    pub max_elapsed: Duration,
+    /// Failure kinds that are retried.
+    pub on: Vec<FailureKind>,
+    /// Full jitter: each wait is random between 0 and its exponential bound.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            max_elapsed: Duration::from_secs(120),
+            on: vec![FailureKind::RateLimited, FailureKind::Transient, FailureKind::Timeout],
+            jitter: true,
+        }
+    }
+}
+
+/// How a circuit decides to open.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BreakerMode {
+    /// After `failure_threshold` counted failures in a row.
+    Consecutive,
+    /// When at least `failure_rate` of the calls in the last `window` failed, once there
+    /// were `min_calls` of them.
+    Rate { failure_rate: f64, window: Duration, min_calls: u32 },
+}
+
+/// `breaker = { ... }`: a closed / open / half-open circuit per service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerPolicy {
+    pub enabled: bool,
+    pub mode: BreakerMode,
+    pub failure_threshold: u32,
+    /// How long the circuit stays open before probes are let through.
+    pub reset_timeout: Duration,
+    /// Requests admitted at a time while half-open.
+    pub half_open_probes: u32,
+    /// Failure kinds that count against the circuit.
+    pub count: Vec<FailureKind>,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            enabled: true,
+            mode: BreakerMode::Consecutive,
+            failure_threshold: 5,
+            reset_timeout: Duration::from_secs(60),
+            half_open_probes: 1,
+            count: FailureKind::ALL
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| !matches!(k, FailureKind::InvalidRequest | FailureKind::Cancelled | FailureKind::CircuitOpen))
+                .collect(),
+        }
+    }
+}
+
+/// `quota = { rpm, tpm, daily }`, counted across processes in the state store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QuotaPolicy {
+    /// Requests in any 60 seconds.
+    pub rpm: Option<u32>,
+    /// Tokens in any 60 seconds.
+    pub tpm: Option<u64>,
+    /// Requests per UTC calendar day.
+    pub daily: Option<u32>,
 }
 
 impl Default for Limits {
@@ -71,6 +163,10 @@ impl Default for Limits {
             max_file_size: 10 << 20,
             plugin_memory: 64 << 20,
             plugin_time: Duration::from_secs(1),
+            retry: RetryPolicy::default(),
+            breaker: BreakerPolicy::default(),
+            quota: QuotaPolicy::default(),
+            quota_wait: Duration::ZERO,
         }
     }
 }
@@ -290,6 +386,10 @@ macro_rules! with_limits {
             max_file_size: Option<Bytes>,
             plugin_memory: Option<Bytes>,
             plugin_time: Option<Secs>,
+            retry: Option<RawRetry>,
+            breaker: Option<RawBreaker>,
+            quota: Option<RawQuota>,
+            quota_wait: Option<Secs>,
         }
 
         impl $name {
@@ -302,6 +402,10 @@ macro_rules! with_limits {
                     max_file_size: self.max_file_size.map_or(base.max_file_size, |b| b.0),
                     plugin_memory: self.plugin_memory.map_or(base.plugin_memory, |b| b.0),
                     plugin_time: self.plugin_time.map_or(base.plugin_time, |s| s.0),
+                    retry: self.retry.as_ref().map_or_else(|| base.retry.clone(), |r| r.apply(&base.retry)),
+                    breaker: self.breaker.as_ref().map_or_else(|| base.breaker.clone(), |b| b.apply(&base.breaker)),
+                    quota: self.quota.as_ref().map_or_else(|| base.quota.clone(), |q| q.apply(&base.quota)),
+                    quota_wait: self.quota_wait.map_or(base.quota_wait, |s| s.0),
                 }
             }
         }
@@ -327,6 +431,136 @@ with_limits! {
         #[serde(default)]
         env: BTreeMap<Spanned<String>, String>,
         settings: Option<toml::Table>,
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<AtLeastOne>,
+    base_delay: Option<Secs>,
+    max_delay: Option<Secs>,
+    max_elapsed: Option<Secs>,
+    on: Option<Vec<Kind>>,
+    jitter: Option<bool>,
+}
+
+impl RawRetry {
+    fn apply(&self, base: &RetryPolicy) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts.map_or(base.max_attempts, |n| n.0),
+            base_delay: self.base_delay.map_or(base.base_delay, |s| s.0),
+            max_delay: self.max_delay.map_or(base.max_delay, |s| s.0),
+            max_elapsed: self.max_elapsed.map_or(base.max_elapsed, |s| s.0),
+            on: self.on.as_ref().map_or_else(|| base.on.clone(), |k| k.iter().map(|k| k.0).collect()),
+            jitter: self.jitter.unwrap_or(base.jitter),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawMode {
+    Consecutive,
+    Rate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    enabled: Option<bool>,
+    mode: Option<RawMode>,
+    failure_threshold: Option<AtLeastOne>,
+    reset_timeout: Option<Secs>,
+    half_open_probes: Option<AtLeastOne>,
+    failure_rate: Option<Fraction>,
+    window: Option<Secs>,
+    min_calls: Option<AtLeastOne>,
+    count: Option<Vec<Kind>>,
+}
+
+impl RawBreaker {
+    fn apply(&self, base: &BreakerPolicy) -> BreakerPolicy {
+        let (rate, window, min_calls) = match base.mode {
+            BreakerMode::Rate { failure_rate, window, min_calls } => (failure_rate, window, min_calls),
+            BreakerMode::Consecutive => (0.5, Duration::from_secs(60), 10),
+        };
+        let rate_mode = match self.mode {
+            Some(RawMode::Rate) => true,
+            Some(RawMode::Consecutive) => false,
+            None => matches!(base.mode, BreakerMode::Rate { .. }),
+        };
+        BreakerPolicy {
+            enabled: self.enabled.unwrap_or(base.enabled),
+            mode: if rate_mode {
+                BreakerMode::Rate {
+                    failure_rate: self.failure_rate.map_or(rate, |f| f.0),
+                    window: self.window.map_or(window, |s| s.0),
+                    min_calls: self.min_calls.map_or(min_calls, |n| n.0),
+                }
+            } else {
+                BreakerMode::Consecutive
+            },
+            failure_threshold: self.failure_threshold.map_or(base.failure_threshold, |n| n.0),
+            reset_timeout: self.reset_timeout.map_or(base.reset_timeout, |s| s.0),
+            half_open_probes: self.half_open_probes.map_or(base.half_open_probes, |n| n.0),
+            count: self.count.as_ref().map_or_else(|| base.count.clone(), |k| k.iter().map(|k| k.0).collect()),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    rpm: Option<AtLeastOne>,
+    tpm: Option<u64>,
+    daily: Option<AtLeastOne>,
+}
+
+impl RawQuota {
+    fn apply(&self, base: &QuotaPolicy) -> QuotaPolicy {
+        QuotaPolicy {
+            rpm: self.rpm.map(|n| n.0).or(base.rpm),
+            tpm: self.tpm.filter(|t| *t > 0).or(base.tpm),
+            daily: self.daily.map(|n| n.0).or(base.daily),
+        }
+    }
+}
+
+/// A failure kind's name, e.g. "rate-limited".
+#[derive(Debug, Clone, Copy)]
+struct Kind(FailureKind);
+
+impl<'de> Deserialize<'de> for Kind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        FailureKind::parse(&name).map(Kind).map_err(de::Error::custom)
+    }
+}
+
+/// A whole number of at least 1.
+#[derive(Debug, Clone, Copy)]
+struct AtLeastOne(u32);
+
+impl<'de> Deserialize<'de> for AtLeastOne {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u32::deserialize(d)? {
+            0 => Err(de::Error::custom("must be at least 1")),
+            n => Ok(AtLeastOne(n)),
+        }
+    }
+}
+
+/// A fraction above 0 and at most 1.
+#[derive(Debug, Clone, Copy)]
+struct Fraction(f64);
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match f64::deserialize(d)? {
+            f if f > 0.0 && f <= 1.0 => Ok(Fraction(f)),
+            f => Err(de::Error::custom(format!("{f} is not a fraction between 0 (exclusive) and 1, e.g. 0.5"))),
+        }
     }
 }
 
@@ -445,6 +679,25 @@ mod tests {
         let text = "[services.a]\nplugin = \"template\"\ncommand = \"echo\"\nmodels = [\"x\"]\ndefault_model = \"y\"\n";
         let err = Config::parse(text, Some(Path::new("/s.toml"))).unwrap_err().0;
         assert!(err.starts_with("/s.toml:5:17: service a:"), "{err}");
+    }
+
+    #[test]
+    fn service_policies_override_the_defaults_key_by_key() {
+        let text = "[defaults]\nretry = { max_attempts = 5, base_delay = \"2s\" }\nquota = { rpm = 10 }\n[services.a]\nplugin = \"template\"\ncommand = \"echo\"\nretry = { base_delay = \"100ms\", on = [\"auth\"] }\nbreaker = { mode = \"rate\", min_calls = 4 }\n";
+        let config = Config::parse(text, None).unwrap();
+        let limits = &config.services["a"].limits;
+        assert_eq!(limits.retry.max_attempts, 5);
+        assert_eq!(limits.retry.base_delay, Duration::from_millis(100));
+        assert_eq!(limits.retry.on, vec![FailureKind::Auth]);
+        assert_eq!(limits.quota.rpm, Some(10));
+        assert_eq!(limits.breaker.mode, BreakerMode::Rate { failure_rate: 0.5, window: Duration::from_secs(60), min_calls: 4 });
+    }
+
+    #[test]
+    fn an_unknown_failure_kind_lists_the_kinds() {
+        let text = "[services.a]\nplugin = \"template\"\ncommand = \"echo\"\nretry = { on = [\"ratelimited\"] }\n";
+        let err = Config::parse(text, None).unwrap_err().0;
+        assert!(err.contains("line 4") && err.contains("rate-limited"), "{err}");
     }
 
     #[test]

@@ -19,3 +19,8 @@ pub fn cache_home() -> Option<PathBuf> {
     xdg("XDG_CACHE_HOME", ".cache")
 }
 
+
+/// `$XDG_STATE_HOME`, else `~/.local/state`.
+pub fn state_home() -> Option<PathBuf> {
+    xdg("XDG_STATE_HOME", ".local/state")
+}

@@ -1,13 +1,30 @@
 //! `host`: a WebAssembly-pluggable executor host for AI command-line clients.
 //!
 //! Layers, each depending only on those below it:
-//! `cli` → `service` → `plugin` (wasm runtime) and `process` (subprocess executor), with
-//! `config` (services.toml) beside them.
+//! `cli` → `dispatch` (a request through the policies) → `retry`, `breaker`, `quota`
+//! (policies) → `service` (one attempt: plugin + process) → `plugin` (wasm runtime),
+//! `process` (subprocess executor) and `state` (SQLite store); `config` (services.toml),
+//! `outcome` (result types) and `clock` beside them.
 
+pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dirs;
+pub mod dispatch;
+pub mod health;
 pub mod outcome;
 pub mod plugin;
 pub mod process;
+pub mod quota;
+pub mod retry;
 pub mod service;
+pub mod state;
+pub mod report;
+
+/// Runs blocking work (a plugin call, a state transaction that may wait on another
+/// process's lock) off the async threads.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    use anyhow::Context;
+    tokio::task::spawn_blocking(f).await.context("a blocking task panicked")?
+}

@@ -12,6 +12,7 @@ use crate::config::ServiceConfig;
 pub use crate::outcome::{Failure, FailureKind, Outcome, Tokens};
 use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
 use crate::process::{self, SpawnError, Status, Stopped};
+use crate::blocking;
 
 impl From<wit::FailureKind> for FailureKind {
     fn from(kind: wit::FailureKind) -> Self {
@@ -93,6 +94,39 @@ impl Service {
         self.plugin.health_command(&self.view)
     }
 
+    /// The process to run for a plugin's command: the service's program, its environment
+    /// plus the plugin's (refusing hijacks), and the service's limits.
+    fn spec(&self, command: wit::Command, timeout: Duration) -> Result<process::Spec, String> {
+        let mut env: Vec<(String, String)> = self.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (key, value) in command.env {
+            process::check_plugin_env(&key, &value).map_err(|why| format!("plugin {}: {why}", self.plugin.source()))?;
+            env.push((key, value));
+        }
+        let limits = &self.config.limits;
+        Ok(process::Spec {
+            program: self.config.command.clone(),
+            args: command.args,
+            env,
+            stdin: command.stdin,
+            timeout,
+            idle_timeout: limits.idle_timeout,
+            kill_grace: limits.kill_grace,
+            max_output: limits.max_output,
+        })
+    }
+
+    /// Runs the plugin's health command, if it has one, within `timeout`.
+    /// `Ok(None)`: the plugin has no health check.
+    pub async fn health(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Option<process::Finished>, String> {
+        let plugin = self.plugin.clone();
+        let view = self.view.clone();
+        let command = blocking(move || plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
+        let Some(command) = command else { return Ok(None) };
+        let mut spec = self.spec(command, timeout)?;
+        spec.kill_grace = spec.kill_grace.min(Duration::from_millis(500));
+        process::run(&spec, cancel).await.map(Some).map_err(|e| e.to_string())
+    }
+
     fn fail(&self, kind: FailureKind, message: impl Into<String>) -> Outcome {
         Outcome::failed(&self.config.name, Failure::new(kind, message))
     }
@@ -113,23 +147,10 @@ impl Service {
             Ok(Err(failure)) => return Outcome::failed(name, plugin_failure(failure)),
             Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: {e:#}")),
         };
-        let mut env: Vec<(String, String)> = self.config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        for (key, value) in command.env {
-            if let Err(why) = process::check_plugin_env(&key, &value) {
-                return self.fail(FailureKind::PluginError, format!("service {name}: plugin {}: {why}", self.plugin.source()));
-            }
-            env.push((key, value));
-        }
-        let limits = &self.config.limits;
-        let spec = process::Spec {
-            program: self.config.command.clone(),
-            args: command.args,
-            env,
-            stdin: command.stdin,
-            timeout: request.timeout.unwrap_or(limits.timeout),
-            idle_timeout: limits.idle_timeout,
-            kill_grace: limits.kill_grace,
-            max_output: limits.max_output,
+        let timeout = request.timeout.unwrap_or(self.config.limits.timeout);
+        let spec = match self.spec(command, timeout) {
+            Ok(spec) => spec,
+            Err(why) => return self.fail(FailureKind::PluginError, format!("service {name}: {why}")),
         };
         let finished = match process::run(&spec, cancel).await {
             Ok(finished) => finished,
@@ -273,9 +294,4 @@ fn tokens(usage: Option<wit::Usage>, prompt: &str, answer: &str) -> Tokens {
             Tokens { input: Some(input), output: Some(output), total: Some(input + output), cached: None, reasoning: None, estimated: true }
         }
     }
-}
-
-/// Runs a plugin call off the async threads: a call may use its whole CPU budget.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.context("plugin call panicked")?
 }

@@ -51,6 +51,7 @@ fn exechost_config_is_used_when_no_option_is_given() {
         .current_dir(std::env::temp_dir())
         .env("EXECHOST_CONFIG", sandbox.path("services.toml"))
         .env("XDG_CACHE_HOME", &sandbox.cache)
+        .arg("--no-state")
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "found\n");
@@ -65,6 +66,7 @@ fn the_builtin_configuration_is_the_last_resort() {
         .env_remove("EXECHOST_CONFIG")
         .env("XDG_CONFIG_HOME", empty.path())
         .env("XDG_CACHE_HOME", common::shared_cache())
+        .env("XDG_STATE_HOME", empty.path())
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "built in\n", "{}", String::from_utf8_lossy(&out.stderr));

@@ -10,6 +10,9 @@ use common::{Sandbox, alive, eventually, read_pid};
 fn hang_sandbox(mode: &str, limits: &str) -> Sandbox {
     Sandbox::new(&format!(
         r#"
+[defaults]
+retry = {{ max_attempts = 1 }}
+
 [services.hang]
 plugin = "template"
 command = "@FAKE@"
@@ -59,6 +62,7 @@ fn an_idle_command_is_killed_after_the_idle_timeout() {
 plugin = "template"
 command = "@FAKE@"
 idle_timeout = "1s"
+retry = { max_attempts = 1 }
 settings = { args = ["idle", "{prompt}"] }
 "#,
     );

@@ -136,6 +136,7 @@ fn a_rate_limit_is_classified_and_exits_1() {
 [services.limited]
 plugin = "template"
 command = "@FAKE@"
+retry = { max_attempts = 1 }
 settings = { args = ["fail", "1", "HTTP 429: rate limit exceeded. Retry after 3 seconds. {prompt}"] }
 "#,
     );

@@ -82,6 +82,8 @@ impl Sandbox {
             .arg("--config")
             .arg(self.path("services.toml"))
             .env("XDG_CACHE_HOME", &self.cache)
+            .env("XDG_STATE_HOME", self.dir.path())
+            .env_remove("EXECHOST_STATE")
             .env_remove("EXECHOST_CONFIG")
             .env_remove("EXECHOST_LOG")
             .stdin(Stdio::null());

@@ -1,0 +1,183 @@
+//! Sends a request to a service through the policies: circuit-breaker and quota admission,
+//! the attempt itself, the usage ledger, and retries with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio_util::sync::CancellationToken;
+
+use crate::breaker::{self, Admit};
+use crate::clock::{Clock, Millis, day_start};
+use crate::config::{BreakerMode, ServiceConfig};
+use crate::outcome::{Failure, FailureKind, Outcome};
+use crate::quota::{self, MINUTE_MS};
+use crate::retry;
+use crate::service::{Request, Service};
+use crate::state::{self, AttemptRow, BreakerRow, State};
+use crate::blocking;
+
+/// What every request shares: the state store, the clock and the cancellation signal.
+#[derive(Clone)]
+pub struct Context {
+    pub state: Arc<State>,
+    pub clock: Arc<dyn Clock>,
+    pub cancel: CancellationToken,
+}
+
+/// Runs `request` on `service` with retries, breaker, quota and ledger; never fails, only
+/// returns failed outcomes.
+pub async fn execute(service: &Service, request: &Request, ctx: &Context) -> Outcome {
+    retry::run(&service.config.limits.retry, &*ctx.clock, &ctx.cancel, |number| attempt(service, request, ctx, number)).await
+}
+
+/// Why admission refused an attempt.
+struct Refusal {
+    failure: Failure,
+    until: Millis,
+}
+
+/// One attempt: admission (waiting for quota within `quota_wait`), the call, the record.
+async fn attempt(service: &Service, request: &Request, ctx: &Context, number: u32) -> Outcome {
+    let config = &service.config;
+    let (id, probe) = loop {
+        match admit(ctx, config, request).await {
+            Ok(Ok(admitted)) => break admitted,
+            Ok(Err(refusal)) => {
+                let wait = (refusal.until - ctx.clock.now()).max(0) as u64;
+                let waitable = refusal.failure.kind == FailureKind::QuotaExhausted
+                    && Duration::from_millis(wait) <= config.limits.quota_wait;
+                if !waitable {
+                    record_refusal(ctx, config, request, &refusal.failure).await;
+                    return Outcome::failed(&config.name, refusal.failure);
+                }
+                tracing::info!(service = %config.name, "attempt {number}: waiting {wait} ms for quota");
+                tokio::select! {
+                    _ = ctx.clock.sleep(Duration::from_millis(wait)) => {}
+                    _ = ctx.cancel.cancelled() => {
+                        return Outcome::failed(&config.name, Failure::new(FailureKind::Cancelled, format!("service {}: cancelled while waiting for quota", config.name)));
+                    }
+                }
+            }
+            Err(e) => return state_failure(ctx, config, e),
+        }
+    };
+    tracing::debug!(service = %config.name, "attempt {number} admitted{}", if probe { " as a half-open probe" } else { "" });
+    let outcome = service.call(request, &ctx.cancel).await;
+    if let Err(e) = record(ctx, config, request, id, probe, &outcome).await {
+        tracing::warn!("service {}: the attempt's result could not be recorded: {e:#}", config.name);
+    }
+    outcome
+}
+
+fn state_failure(ctx: &Context, config: &ServiceConfig, e: anyhow::Error) -> Outcome {
+    let file = ctx.state.path().map_or_else(|| "in memory".to_string(), |p| p.display().to_string());
+    Outcome::failed(&config.name, Failure::new(FailureKind::Other, format!("service {}: state store ({file}): {e:#}", config.name)))
+}
+
+/// How long a half-open probe may take before its slot is presumed lost.
+fn probe_lease(config: &ServiceConfig) -> Millis {
+    (config.limits.timeout + config.limits.kill_grace + Duration::from_secs(5)).as_millis() as Millis
+}
+
+/// In one write transaction: the breaker decides, the quota is checked, and an admitted
+/// attempt is entered in the ledger as running (so concurrent processes count it at once).
+async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Result<Result<(i64, bool), Refusal>> {
+    let (state, now) = (ctx.state.clone(), ctx.clock.now());
+    let (config, model) = (config.clone(), request.model.clone().or_else(|| config.default_model.clone()));
+    blocking(move || {
+        state.write(|tx| {
+            let name = config.name.as_str();
+            let limits = &config.limits;
+            let stored = state::load_breaker(tx, name)?;
+            let mut row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));
+            let probe = match breaker::admit(&limits.breaker, name, &mut row, now, probe_lease(&config)) {
+                Admit::Yes { probe } => probe,
+                Admit::No { until, message } => {
+                    return Ok(Err(Refusal { failure: Failure::new(FailureKind::CircuitOpen, message), until }));
+                }
+            };
+            let quota = &limits.quota;
+            if quota.rpm.is_some() || quota.tpm.is_some() || quota.daily.is_some() {
+                let recent = state::spawned_since(tx, name, now - MINUTE_MS)?;
+                let today = if quota.daily.is_some() { state::count_spawned_since(tx, name, day_start(now))? } else { 0 };
+                if let Err(exhausted) = quota::check(quota, name, &recent, today, now) {
+                    // Nothing runs, so an admitted probe slot is not taken: the row is not saved.
+                    let failure = Failure::new(FailureKind::QuotaExhausted, exhausted.message);
+                    return Ok(Err(Refusal { failure, until: exhausted.until }));
+                }
+            }
+            if stored.as_ref() != Some(&row) {
+                state::save_breaker(tx, name, &row)?;
+            }
+            let running = AttemptRow {
+                service: name.to_string(),
+                model,
+                started_ms: now,
+                outcome: state::RUNNING.into(),
+                spawned: true,
+                ..AttemptRow::default()
+            };
+            Ok(Ok((state::insert_attempt(tx, &running)?, probe)))
+        })
+    })
+    .await
+}
+
+fn ledger_row(config: &ServiceConfig, request: &Request, outcome: &Outcome, started_ms: Millis, spawned: bool) -> AttemptRow {
+    let as_i64 = |v: Option<u64>| v.map(|n| n as i64);
+    AttemptRow {
+        service: config.name.clone(),
+        model: outcome.model.clone().or_else(|| request.model.clone()).or_else(|| config.default_model.clone()),
+        started_ms,
+        duration_ms: Some(outcome.duration_ms as i64),
+        exit_code: outcome.exit_code,
+        signal: outcome.signal,
+        tokens_in: as_i64(outcome.tokens.input),
+        tokens_out: as_i64(outcome.tokens.output),
+        tokens_total: as_i64(outcome.tokens.total),
+        estimated: outcome.tokens.estimated,
+        outcome: outcome.error.as_ref().map_or_else(|| state::OK.to_string(), |e| e.kind.as_str().to_string()),
+        spawned,
+    }
+}
+
+/// Completes the attempt's ledger row and tells the breaker how it went.
+async fn record(ctx: &Context, config: &ServiceConfig, request: &Request, id: i64, probe: bool, outcome: &Outcome) -> Result<()> {
+    let (state, now) = (ctx.state.clone(), ctx.clock.now());
+    let row = ledger_row(config, request, outcome, 0, true);
+    let (config, failure) = (config.clone(), outcome.error.as_ref().map(|e| e.kind));
+    blocking(move || {
+        state.write(|tx| {
+            let name = config.name.as_str();
+            state::finish_attempt(tx, id, &row)?;
+            let policy = &config.limits.breaker;
+            let stored = state::load_breaker(tx, name)?;
+            let mut breaker_row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));
+            let window = match policy.mode {
+                BreakerMode::Rate { window, .. } if policy.enabled && failure.is_some() => {
+                    let since = (now - window.as_millis() as Millis).max(breaker_row.closed_since_ms);
+                    state::outcomes_since(tx, name, since)?
+                }
+                _ => Vec::new(),
+            };
+            breaker::record(policy, &mut breaker_row, now, probe, failure, &window);
+            if stored.as_ref() != Some(&breaker_row) {
+                state::save_breaker(tx, name, &breaker_row)?;
+            }
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Enters a request refused without running (open circuit, exhausted quota) in the ledger.
+async fn record_refusal(ctx: &Context, config: &ServiceConfig, request: &Request, failure: &Failure) {
+    let outcome = Outcome::failed(&config.name, failure.clone());
+    let row = ledger_row(config, request, &outcome, ctx.clock.now(), false);
+    let state = ctx.state.clone();
+    if let Err(e) = blocking(move || state.write(|tx| state::insert_attempt(tx, &row))).await {
+        tracing::warn!("service {}: the refusal could not be recorded: {e:#}", config.name);
+    }
+}
+

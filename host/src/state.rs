@@ -1,0 +1,346 @@
+//! The shared state store: one SQLite file (WAL mode) that every `host` process uses for
+//! circuit breakers, quota counts and the usage ledger. Transactions are short and take the
+//! write lock up front, so concurrent processes queue instead of failing.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+
+use crate::clock::Millis;
+
+/// How long a process waits for another's write transaction before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
+const MIGRATIONS: &[&str] = &[
+    // 1: the ledger and the breakers.
+    "CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        service TEXT NOT NULL,
+        model TEXT,
+        started_ms INTEGER NOT NULL,
+        duration_ms INTEGER,
+        exit_code INTEGER,
+        signal INTEGER,
+        tokens_in INTEGER,
+        tokens_out INTEGER,
+        tokens_total INTEGER,
+        estimated INTEGER NOT NULL DEFAULT 0,
+        outcome TEXT NOT NULL,
+        spawned INTEGER NOT NULL
+    );
+    CREATE INDEX attempts_by_service_time ON attempts (service, started_ms);
+    CREATE INDEX attempts_by_time ON attempts (started_ms);
+    CREATE TABLE breakers (
+        service TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        consecutive_failures INTEGER NOT NULL,
+        open_until_ms INTEGER NOT NULL,
+        closed_since_ms INTEGER NOT NULL,
+        probes INTEGER NOT NULL,
+        probe_expires_ms INTEGER NOT NULL,
+        last_failure TEXT,
+        trip_reason TEXT
+    );",
+];
+
+/// The outcome recorded for an attempt that has not finished (yet, or ever: a crash).
+pub const RUNNING: &str = "running";
+/// The outcome recorded for a success.
+pub const OK: &str = "ok";
+
+/// One row of the usage ledger.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AttemptRow {
+    pub service: String,
+    pub model: Option<String>,
+    pub started_ms: Millis,
+    pub duration_ms: Option<i64>,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub tokens_in: Option<i64>,
+    pub tokens_out: Option<i64>,
+    pub tokens_total: Option<i64>,
+    pub estimated: bool,
+    /// `ok`, `running`, or a failure kind.
+    pub outcome: String,
+    /// False for requests refused without running anything (open circuit, quota).
+    pub spawned: bool,
+}
+
+/// A circuit's state as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerRow {
+    /// `closed`, `open` or `half-open`.
+    pub phase: String,
+    pub consecutive_failures: u32,
+    pub open_until_ms: Millis,
+    /// When the circuit last closed: the failure-rate window never reaches back past it.
+    pub closed_since_ms: Millis,
+    /// Probes admitted and not yet finished while half-open.
+    pub probes: u32,
+    /// When the admitted probes are presumed lost (their process died).
+    pub probe_expires_ms: Millis,
+    pub last_failure: Option<String>,
+    pub trip_reason: Option<String>,
+}
+
+impl BreakerRow {
+    pub fn closed(now: Millis) -> BreakerRow {
+        BreakerRow {
+            phase: "closed".into(),
+            consecutive_failures: 0,
+            open_until_ms: 0,
+            closed_since_ms: now,
+            probes: 0,
+            probe_expires_ms: 0,
+            last_failure: None,
+            trip_reason: None,
+        }
+    }
+}
+
+/// The store: a file shared by processes, or memory private to this one.
+pub struct State {
+    conn: Mutex<Connection>,
+    path: Option<PathBuf>,
+}
+
+impl State {
+    /// `$XDG_STATE_HOME/exechost/state.db`.
+    pub fn default_path() -> Option<PathBuf> {
+        crate::dirs::state_home().map(|d| d.join("exechost").join("state.db"))
+    }
+
+    /// Opens (creating if needed) the state file and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Arc<State>> {
+        let advice = "move the file away or delete it (it holds breaker states, quota counts and the usage ledger), or pass --state PATH";
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating the state directory {}", dir.display()))?;
+        }
+        let conn = Connection::open(path).with_context(|| format!("opening the state file {}", path.display()))?;
+        let state = State { conn: Mutex::new(conn), path: Some(path.to_path_buf()) };
+        state
+            .prepare()
+            .with_context(|| format!("state file {} cannot be used; {advice}", path.display()))?;
+        Ok(Arc::new(state))
+    }
+
+    /// A store in memory: nothing is shared with other processes or kept after exit.
+    pub fn in_memory() -> Result<Arc<State>> {
+        let state = State { conn: Mutex::new(Connection::open_in_memory()?), path: None };
+        state.prepare()?;
+        Ok(Arc::new(state))
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    fn prepare(&self) -> Result<()> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Several processes may create the file at once; switching to WAL needs a moment
+        // alone with it, and the busy handler does not cover that.
+        let mut tries = 0;
+        loop {
+            match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)) {
+                Ok(_) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let version = tx.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+        if version > MIGRATIONS.len() {
+            anyhow::bail!("its schema version {version} is newer than this host understands ({})", MIGRATIONS.len());
+        }
+        for migration in &MIGRATIONS[version..] {
+            tx.execute_batch(migration)?;
+        }
+        tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Runs `f` in a write transaction (the write lock is taken at its start) and commits.
+    pub fn write<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    /// Runs `f` in a read transaction: a consistent snapshot.
+    pub fn read<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let value = f(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+}
+
+/// Adds an attempt to the ledger; returns its id.
+pub fn insert_attempt(tx: &Transaction, row: &AttemptRow) -> rusqlite::Result<i64> {
+    tx.execute(
+        "INSERT INTO attempts (service, model, started_ms, duration_ms, exit_code, signal, tokens_in, tokens_out, tokens_total, estimated, outcome, spawned)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        params![
+            row.service,
+            row.model,
+            row.started_ms,
+            row.duration_ms,
+            row.exit_code,
+            row.signal,
+            row.tokens_in,
+            row.tokens_out,
+            row.tokens_total,
+            row.estimated,
+            row.outcome,
+            row.spawned
+        ],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+/// Completes an attempt recorded as running.
+pub fn finish_attempt(tx: &Transaction, id: i64, row: &AttemptRow) -> rusqlite::Result<()> {
+    tx.execute(
+        "UPDATE attempts SET model = COALESCE(?2, model), duration_ms = ?3, exit_code = ?4, signal = ?5, tokens_in = ?6, tokens_out = ?7,
+         tokens_total = ?8, estimated = ?9, outcome = ?10 WHERE id = ?1",
+        params![id, row.model, row.duration_ms, row.exit_code, row.signal, row.tokens_in, row.tokens_out, row.tokens_total, row.estimated, row.outcome],
+    )?;
+    Ok(())
+}
+
+/// Attempts of `service` that ran, started after `since`, oldest first: (start, total tokens).
+pub fn spawned_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<Vec<(Millis, i64)>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT started_ms, COALESCE(tokens_total, 0) FROM attempts
+         WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 ORDER BY started_ms",
+    )?;
+    let rows = stmt.query_map(params![service, since], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// How many attempts of `service` ran since `since`.
+pub fn count_spawned_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<u64> {
+    tx.query_row(
+        "SELECT COUNT(*) FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms >= ?2",
+        params![service, since],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n as u64)
+}
+
+/// Finished attempts of `service` started after `since`: (calls, outcomes) for the failure-rate window.
+pub fn outcomes_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = tx.prepare_cached(
+        "SELECT outcome FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 AND outcome != 'running'",
+    )?;
+    let rows = stmt.query_map(params![service, since], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Every ledger row started at or after `since`, oldest first.
+pub fn attempts_since(tx: &Transaction, since: Millis) -> rusqlite::Result<Vec<AttemptRow>> {
+    let mut stmt = tx.prepare(
+        "SELECT service, model, started_ms, duration_ms, exit_code, signal, tokens_in, tokens_out, tokens_total, estimated, outcome, spawned
+         FROM attempts WHERE started_ms >= ?1 ORDER BY started_ms",
+    )?;
+    let rows = stmt.query_map(params![since], |r| {
+        Ok(AttemptRow {
+            service: r.get(0)?,
+            model: r.get(1)?,
+            started_ms: r.get(2)?,
+            duration_ms: r.get(3)?,
+            exit_code: r.get(4)?,
+            signal: r.get(5)?,
+            tokens_in: r.get(6)?,
+            tokens_out: r.get(7)?,
+            tokens_total: r.get(8)?,
+            estimated: r.get(9)?,
+            outcome: r.get(10)?,
+            spawned: r.get(11)?,
+        })
+    })?;
+    rows.collect()
+}
+
+pub fn load_breaker(tx: &Transaction, service: &str) -> rusqlite::Result<Option<BreakerRow>> {
+    tx.query_row(
+        "SELECT phase, consecutive_failures, open_until_ms, closed_since_ms, probes, probe_expires_ms, last_failure, trip_reason
+         FROM breakers WHERE service = ?1",
+        params![service],
+        |r| {
+            Ok(BreakerRow {
+                phase: r.get(0)?,
+                consecutive_failures: r.get(1)?,
+                open_until_ms: r.get(2)?,
+                closed_since_ms: r.get(3)?,
+                probes: r.get(4)?,
+                probe_expires_ms: r.get(5)?,
+                last_failure: r.get(6)?,
+                trip_reason: r.get(7)?,
+            })
+        },
+    )
+    .optional()
+}
+
+pub fn save_breaker(tx: &Transaction, service: &str, row: &BreakerRow) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO breakers (service, phase, consecutive_failures, open_until_ms, closed_since_ms, probes, probe_expires_ms, last_failure, trip_reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (service) DO UPDATE SET phase = ?2, consecutive_failures = ?3, open_until_ms = ?4, closed_since_ms = ?5,
+           probes = ?6, probe_expires_ms = ?7, last_failure = ?8, trip_reason = ?9",
+        params![
+            service,
+            row.phase,
+            row.consecutive_failures,
+            row.open_until_ms,
+            row.closed_since_ms,
+            row.probes,
+            row.probe_expires_ms,
+            row.last_failure,
+            row.trip_reason
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        std::fs::write(&path, vec![b'x'; 4096]).unwrap();
+        let err = format!("{:#}", State::open(&path).err().expect("refused"));
+        assert!(err.contains(&path.display().to_string()) && err.contains("--state"), "{err}");
+    }
+
+    #[test]
+    fn reopening_keeps_the_rows_and_the_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/state.db");
+        let state = State::open(&path).unwrap();
+        let row = AttemptRow { service: "s".into(), started_ms: 5, outcome: OK.into(), spawned: true, ..Default::default() };
+        state.write(|tx| insert_attempt(tx, &row)).unwrap();
+        drop(state);
+        let state = State::open(&path).unwrap();
+        let rows = state.read(|tx| attempts_since(tx, 0)).unwrap();
+        assert_eq!(rows, vec![row]);
+    }
+}
