@@ -181,3 +181,50 @@ async fn record_refusal(ctx: &Context, config: &ServiceConfig, request: &Request
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    //! Quota waiting, on the real plugin runtime and a real `echo`, with a virtual clock.
+
+    use super::*;
+    use crate::clock::testing::FakeClock;
+    use crate::config::Config;
+    use crate::plugin::Runtime;
+
+    async fn setup(quota_wait: &str) -> (Service, Context, Arc<FakeClock>) {
+        let text = format!(
+            "[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\nquota = {{ rpm = 1 }}\nquota_wait = \"{quota_wait}\"\n"
+        );
+        let config = Config::parse(&text, None).unwrap();
+        let runtime = Runtime::new(64 << 20, None).unwrap();
+        let service = Service::load(&runtime, &config.services["echo"]).unwrap();
+        let clock = Arc::new(FakeClock::at(1_000_000));
+        let ctx = Context { state: State::in_memory().unwrap(), clock: clock.clone(), cancel: CancellationToken::new() };
+        (service, ctx, clock)
+    }
+
+    fn request(prompt: &str) -> Request {
+        Request { prompt: prompt.into(), ..Request::default() }
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_quota_when_the_wait_is_within_quota_wait() {
+        let (service, ctx, clock) = setup("90s").await;
+        assert!(execute(&service, &request("one"), &ctx).await.success);
+        clock.advance(10_000);
+        let second = execute(&service, &request("two"), &ctx).await;
+        assert_eq!(second.text.as_deref(), Some("two"));
+        assert_eq!(clock.total_slept(), Duration::from_secs(50), "waited until the first left the minute");
+    }
+
+    #[tokio::test]
+    async fn a_request_fails_fast_when_the_quota_frees_later_than_quota_wait() {
+        let (service, ctx, clock) = setup("10s").await;
+        assert!(execute(&service, &request("one"), &ctx).await.success);
+        let second = execute(&service, &request("two"), &ctx).await;
+        let error = second.error.unwrap();
+        assert_eq!(error.kind, FailureKind::QuotaExhausted);
+        assert!(error.message.contains("(in 60 s)"), "{}", error.message);
+        assert_eq!(clock.total_slept(), Duration::ZERO);
+    }
+}
