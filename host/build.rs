@@ -6,6 +6,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sha2::{Digest, Sha256};
+
 /// Plugin crates to build: (package, artifact file stem).
 const PLUGINS: &[(&str, &str)] = &[
     ("template-plugin", "template_plugin"),
@@ -53,7 +55,10 @@ fn main() {
     for (_, stem) in PLUGINS {
         let built = target_dir.join(TARGET).join("plugin").join(format!("{stem}.wasm"));
         let dest = out_dir.join(format!("{stem}.wasm"));
-        std::fs::copy(&built, &dest).unwrap_or_else(|e| panic!("copying {}: {e}", built.display()));
+        let bytes = std::fs::read(&built).unwrap_or_else(|e| panic!("reading {}: {e}", built.display()));
+        let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&dest, &bytes).unwrap_or_else(|e| panic!("writing {}: {e}", dest.display()));
+        std::fs::write(out_dir.join(format!("{stem}.sha256")), digest).expect("writing the plugin digest");
     }
     println!("cargo:rustc-env=EXECHOST_PLUGIN_DIR={}", out_dir.display());
 }

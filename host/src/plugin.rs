@@ -34,13 +34,25 @@ pub const CONTRACT_VERSION: &str = "0.1.0";
 /// How often the epoch ticks; plugin CPU deadlines are counted in ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Plugin calls that may run at once in one process; more wait for a free slot.
+const PLUGIN_SLOTS: usize = 64;
+
 /// How much of a plugin's stderr is kept per call (for the log and for trap messages).
 const PLUGIN_STDERR_CAP: usize = 64 * 1024;
 
-/// Components embedded in the binary, by built-in name.
-fn builtin_bytes(name: &str) -> Option<&'static [u8]> {
+/// Components embedded in the binary, by built-in name, with their SHA-256 (hex) computed
+/// when they were built.
+fn builtin(name: &str) -> Option<(&'static [u8], &'static str)> {
+    macro_rules! embedded {
+        ($stem:literal) => {
+            (
+                &include_bytes!(concat!(env!("EXECHOST_PLUGIN_DIR"), "/", $stem, ".wasm"))[..],
+                include_str!(concat!(env!("EXECHOST_PLUGIN_DIR"), "/", $stem, ".sha256")),
+            )
+        };
+    }
     match name {
-        "template" => Some(include_bytes!(concat!(env!("EXECHOST_PLUGIN_DIR"), "/template_plugin.wasm"))),
+        "template" => Some(embedded!("template_plugin")),
         _ => None,
     }
 }
@@ -59,6 +71,34 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<State>,
     cache_dir: Option<PathBuf>,
+    slots: Arc<Slots>,
+}
+
+/// A counting semaphore over the instance pool, so that concurrent calls wait for an
+/// instance rather than fail for want of one.
+struct Slots {
+    free: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+impl Slots {
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'a>(&'a Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.0.freed.notify_one();
+    }
 }
 
 /// Store state of one call: a WASI context that grants nothing, and the limiter.
@@ -99,11 +139,13 @@ impl Runtime {
     /// instance pool); `cache_dir` holds compiled components (`None` disables the cache).
     pub fn new(max_memory: u64, cache_dir: Option<PathBuf>) -> Result<Runtime> {
         let mut pool = PoolingAllocationConfig::new();
-        pool.total_component_instances(256)
-            .total_core_instances(1024)
-            .total_memories(256)
-            .total_tables(512)
-            .total_stacks(256)
+        // Sized for PLUGIN_SLOTS concurrent calls: the pool is set up at every start, and a
+        // larger one costs start-up time for nothing.
+        pool.total_component_instances(PLUGIN_SLOTS as u32)
+            .total_core_instances(4 * PLUGIN_SLOTS as u32)
+            .total_memories(PLUGIN_SLOTS as u32)
+            .total_tables(2 * PLUGIN_SLOTS as u32)
+            .total_stacks(1)
             .max_memory_size(usize::try_from(max_memory.max(1 << 20)).unwrap_or(usize::MAX))
             .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);
@@ -128,7 +170,8 @@ impl Runtime {
         any(wasmtime_wasi::p2::add_to_linker_sync(&mut linker)).context("linking WASI")?;
         any(ServicePlugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s))
             .context("linking the plugin contract")?;
-        Ok(Runtime { engine, linker, cache_dir })
+        let slots = Arc::new(Slots { free: std::sync::Mutex::new(PLUGIN_SLOTS), freed: std::sync::Condvar::new() });
+        Ok(Runtime { engine, linker, cache_dir, slots })
     }
 
     /// The default compile cache: `$XDG_CACHE_HOME/exechost/plugins`.
@@ -139,25 +182,31 @@ impl Runtime {
     /// Loads a plugin: compiles it (or takes it from the cache), checks that it targets the
     /// contract, and prepares it for instantiation.
     pub fn load(&self, source: &PluginSource, limits: PluginLimits) -> Result<Plugin> {
-        let bytes: std::borrow::Cow<'static, [u8]> = match source {
-            PluginSource::Builtin(name) => builtin_bytes(name)
-                .ok_or_else(|| anyhow!("no built-in plugin called `{name}`"))?
-                .into(),
-            PluginSource::File(path) => std::fs::read(path)
-                .with_context(|| format!("reading plugin {}", path.display()))?
-                .into(),
+        let (bytes, digest): (std::borrow::Cow<'static, [u8]>, String) = match source {
+            PluginSource::Builtin(name) => {
+                let (bytes, digest) = builtin(name).ok_or_else(|| anyhow!("no built-in plugin called `{name}`"))?;
+                (bytes.into(), digest.to_string())
+            }
+            PluginSource::File(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading plugin {}", path.display()))?;
+                let digest = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+                (bytes.into(), digest)
+            }
         };
-        let component = self.compile(&bytes).with_context(|| format!("loading plugin {source}"))?;
+        let component = self.compile(&bytes, &digest).with_context(|| format!("loading plugin {source}"))?;
         check_contract(&self.engine, &component).with_context(|| format!("plugin {source}"))?;
         let pre = any(self.linker.instantiate_pre(&component))
             .with_context(|| format!("plugin {source} imports something this host does not provide (only WASI p2 is available)"))?;
         let pre = any(ServicePluginPre::new(pre))
             .with_context(|| format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract"))?;
-        Ok(Plugin { inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits }) })
+        Ok(Plugin {
+            inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
+        })
     }
 
     /// Compiles, or deserializes what an earlier compile of the same bytes left in the cache.
-    fn compile(&self, bytes: &[u8]) -> Result<Component> {
+    /// `digest` is the SHA-256 of `bytes`, the cache key's part for the component.
+    fn compile(&self, bytes: &[u8], digest: &str) -> Result<Component> {
         if bytes.starts_with(b"\0asm\x01\0\0\0") {
             bail!("this is a core WebAssembly module, not a component: build it for wasm32-wasip2 (or wrap it with `wasm-tools component new`)");
         }
@@ -167,7 +216,7 @@ impl Runtime {
         let Some(dir) = &self.cache_dir else {
             return any(Component::new(&self.engine, bytes)).context("compiling the component");
         };
-        let cached = dir.join(format!("{}.cwasm", self.cache_key(bytes)));
+        let cached = dir.join(format!("{}.cwasm", self.cache_key(digest)));
         if cached.is_file() {
             // SAFETY: the cache holds only artifacts this host serialized itself, named by the
             // hash of their source and of the engine configuration; wasmtime checks the
@@ -184,14 +233,11 @@ impl Runtime {
         Ok(component)
     }
 
-    fn cache_key(&self, bytes: &[u8]) -> String {
+    /// The component's digest, the host's version and the engine configuration's hash.
+    fn cache_key(&self, digest: &str) -> String {
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let mut sha = Sha256::new();
-        sha.update(env!("CARGO_PKG_VERSION").as_bytes());
-        sha.update(engine_hash.finish().to_le_bytes());
-        sha.update(bytes);
-        sha.finalize().iter().map(|b| format!("{b:02x}")).collect()
+        format!("{}-{}-{:016x}", digest.trim(), env!("CARGO_PKG_VERSION"), engine_hash.finish())
     }
 }
 
@@ -236,6 +282,7 @@ struct Loaded {
     engine: Engine,
     source: PluginSource,
     limits: PluginLimits,
+    slots: Arc<Slots>,
 }
 
 /// A loaded plugin, cheap to clone; every call runs in a fresh instance.
@@ -279,6 +326,7 @@ impl Plugin {
     /// `f`, and turns a trap or an exhausted limit into an error naming the plugin.
     fn call<T>(&self, function: &str, f: impl FnOnce(&ServicePlugin, &mut Store<State>) -> wasmtime::Result<T>) -> Result<T> {
         let inner = &*self.inner;
+        let _slot = inner.slots.acquire();
         let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };

@@ -122,6 +122,9 @@ impl State {
             std::fs::create_dir_all(dir).with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
         let conn = Connection::open(path).with_context(|| format!("opening the state file {}", path.display()))?;
+        // Checkpointing (with its fsync) is left to SQLite's automatic checkpoints instead of
+        // every short-lived process's exit.
+        conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         let state = State { conn: Mutex::new(conn), path: Some(path.to_path_buf()) };
         state
             .prepare()
