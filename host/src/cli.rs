@@ -1,6 +1,6 @@
 //! The `host` command line: parses arguments, runs the subcommand, prints, picks the exit code.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::process::ExitCode;
@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, ConfigError, ServiceConfig, parse_duration};
-use crate::dispatch::{self, execute};
+use crate::batch;
+use crate::dispatch;
+use crate::ui::{BatchBar, StatusLines};
 use crate::health::check_all;
 use crate::report;
 use crate::state::State;
@@ -65,6 +67,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run many requests from a JSON Lines file, resumably.
+    Batch(BatchArgs),
     /// Usage per service and day from the ledger: requests, outcomes, tokens, durations.
     Usage {
         /// How far back, e.g. 1d, 12h, 30m (default: 7d).
@@ -95,7 +99,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// The service's name in services.toml.
+    /// The service's name in services.toml; several separated by commas, or `all`, send the
+    /// same request to each at once.
     service: String,
     /// The prompt; `-` reads it from stdin.
     #[arg(allow_hyphen_values = true)]
@@ -112,9 +117,33 @@ struct RunArgs {
     /// A plugin-specific option KEY=VALUE (repeatable).
     #[arg(short = 'o', long = "option", value_parser = parse_option, value_name = "KEY=VALUE")]
     options: Vec<(String, String)>,
-    /// Print one JSON object with the full result instead of the answer text.
+    /// Print one JSON object with the full result instead of the answer text (with several
+    /// services: one per line as each finishes).
     #[arg(long)]
     json: bool,
+    /// Services to try in order, comma-separated, when SERVICE fails.
+    #[arg(long, value_name = "SERVICES")]
+    fallback: Option<String>,
+    /// With several services: how many run at once (default: all of them).
+    #[arg(long, value_name = "N")]
+    jobs: Option<usize>,
+}
+
+#[derive(Debug, Args)]
+struct BatchArgs {
+    /// A JSON Lines file of jobs, or `-` for stdin. Each line: {"id", "service" or
+    /// "services", "prompt", "files", "model", "fallback", "timeout", "options"}.
+    jobs_file: PathBuf,
+    /// Append results here (one JSON line per job); ids already in it are skipped, so the same
+    /// command resumes an interrupted batch. Default: stdout.
+    #[arg(short, long, value_name = "RESULTS")]
+    output: Option<PathBuf>,
+    /// How many jobs run at once.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    jobs: usize,
+    /// Stop at the first invalid line (exit 2) instead of reporting and skipping it.
+    #[arg(long)]
+    strict: bool,
 }
 
 fn parse_option(text: &str) -> Result<(String, String), String> {
@@ -144,7 +173,17 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    // One thread starts fastest; many concurrent requests use every core.
+    let concurrent = match &cli.command {
+        Command::Batch(_) | Command::Health { .. } => true,
+        Command::Run(args) => args.service == "all" || args.service.contains(','),
+        _ => false,
+    };
+    let runtime = if concurrent {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
     let result = match runtime {
         Ok(rt) => rt.block_on(dispatch(cli)),
         Err(e) => Err(anyhow::Error::new(e).context("starting the async runtime")),
@@ -178,6 +217,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let state = || open_state(cli.state.as_deref(), cli.no_state);
     match cli.command {
         Command::Run(args) => run(&config, state()?, args).await,
+        Command::Batch(args) => batch(&config, state()?, args).await,
         Command::List { json } => list(&config, json),
         Command::Check { json } => check(&config, json),
         Command::Usage { since, json } => usage(&*state()?, since, json),
@@ -204,8 +244,30 @@ fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Res
     Runtime::new(max_memory, Runtime::default_cache_dir())
 }
 
+/// Service names from a comma-separated list, or every service for `all`; each must exist.
+fn service_names(config: &Config, list: &str) -> Result<Vec<String>, Usage> {
+    if list == "all" {
+        return Ok(config.services.keys().cloned().collect());
+    }
+    let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+    if names.is_empty() {
+        return Err(Usage("no service named".into()));
+    }
+    for name in &names {
+        config.service(name)?;
+    }
+    Ok(names)
+}
+
 async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCode> {
-    let service_config = config.service(&args.service).map_err(Usage::from)?;
+    let names = service_names(config, &args.service)?;
+    let fallback = match &args.fallback {
+        Some(list) => service_names(config, list)?,
+        None => Vec::new(),
+    };
+    if names.len() > 1 && !fallback.is_empty() {
+        return Err(Usage("--fallback goes with a single service, not a list".into()).into());
+    }
     let files = service::check_files(&args.files).map_err(Usage)?;
     let prompt = if args.prompt == "-" {
         let mut text = String::new();
@@ -215,22 +277,132 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         args.prompt
     };
     let request = Request { prompt, files, model: args.model, options: args.options, timeout: args.timeout };
-    let runtime = runtime_for([service_config])?;
+    let chain: Vec<&ServiceConfig> = names.iter().chain(&fallback).map(|n| config.service(n)).collect::<Result<_, _>>().map_err(Usage::from)?;
+    let runtime = runtime_for(chain.iter().copied())?;
     let cancel = CancellationToken::new();
     let interrupted = watch_signals(cancel.clone());
-    let ctx = dispatch::Context { state, clock: Arc::new(SystemClock), cancel: cancel.clone() };
-    let outcome = match Service::load(&runtime, service_config) {
-        Ok(service) => execute(&service, &request, &ctx).await,
-        Err(e) => Outcome::failed(
-            &service_config.name,
-            service::Failure::new(service::FailureKind::PluginError, format!("{e:#}")),
-        ),
+    let mut ctx = dispatch::Context { state, clock: Arc::new(SystemClock), cancel: cancel.clone(), observer: None };
+    let targets: Vec<dispatch::Target> = chain.iter().map(|c| Service::load_or_fail(&runtime, c)).collect();
+    let all_ok = if names.len() > 1 {
+        let lines = StatusLines::new(&names);
+        ctx.observer = lines.as_ref().map(|l| l.observer());
+        let jobs = args.jobs.unwrap_or(names.len());
+        let mut outcomes = dispatch::fan_out(targets, Arc::new(request), ctx, jobs);
+        let mut finished = Vec::new();
+        while let Some(outcome) = outcomes.recv().await {
+            match &lines {
+                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json))?,
+                None => print_fan_out_result(&outcome, args.json)?,
+            }
+            finished.push(outcome);
+        }
+        if let Some(lines) = &lines {
+            lines.clear();
+        }
+        eprintln!("{}", summary(&finished));
+        finished.iter().all(|o| o.success)
+    } else {
+        let outcome = dispatch::failover(targets, &request, &ctx).await;
+        print_outcome(&outcome, args.json)?;
+        outcome.success
     };
-    print_outcome(&outcome, args.json)?;
     if let Some(signal) = *interrupted.borrow() {
         return Ok(ExitCode::from(128 + signal as u8));
     }
-    Ok(ExitCode::from(if outcome.success { 0 } else { EXIT_FAILED }))
+    Ok(ExitCode::from(if all_ok { 0 } else { EXIT_FAILED }))
+}
+
+/// "3 ok, 1 failed: qwen rate-limited"
+fn summary(outcomes: &[Outcome]) -> String {
+    let ok = outcomes.iter().filter(|o| o.success).count();
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter_map(|o| o.error.as_ref().map(|e| format!("{} {}", o.service, e.kind.as_str())))
+        .collect();
+    if failed.is_empty() {
+        format!("{ok} ok")
+    } else {
+        format!("{ok} ok, {} failed: {}", failed.len(), failed.join(", "))
+    }
+}
+
+/// One service's result in a fan-out: a JSON line, or a header and the answer (or error).
+fn print_fan_out_result(outcome: &Outcome, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, outcome)?;
+        writeln!(out)?;
+    } else {
+        let seconds = outcome.duration_ms as f64 / 1000.0;
+        match (&outcome.text, &outcome.error) {
+            (Some(text), _) => {
+                writeln!(out, "=== {} ({seconds:.1} s) ===", outcome.service)?;
+                writeln!(out, "{}", text.strip_suffix('\n').unwrap_or(text))?;
+            }
+            (None, Some(error)) => {
+                writeln!(out, "=== {} FAILED ({}) ===", outcome.service, error.kind.as_str())?;
+                writeln!(out, "{}", error.message)?;
+            }
+            (None, None) => writeln!(out, "=== {} ===", outcome.service)?,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<ExitCode> {
+    let from_stdin = args.jobs_file.as_os_str() == "-";
+    let input: Box<dyn std::io::BufRead + Send> = if from_stdin {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        let file = std::fs::File::open(&args.jobs_file)
+            .map_err(|e| Usage(format!("cannot read the jobs file {}: {e}", args.jobs_file.display())))?;
+        Box::new(std::io::BufReader::with_capacity(1 << 16, file))
+    };
+    let (output, done): (Box<dyn Write + Send>, Vec<u128>) = match &args.output {
+        Some(path) => {
+            let (file, done) = batch::open_results(path).map_err(|e| Usage(format!("{e:#}")))?;
+            (Box::new(file), done)
+        }
+        None => (Box::new(std::io::stdout()), Vec::new()),
+    };
+    let runtime = runtime_for(config.services.values())?;
+    let cancel = CancellationToken::new();
+    let interrupted = watch_signals(cancel.clone());
+    let ctx = dispatch::Context { state, clock: Arc::new(SystemClock), cancel, observer: None };
+    let total = if from_stdin || !std::io::stderr().is_terminal() { None } else { batch::count_lines(&args.jobs_file) };
+    let bar = Arc::new(BatchBar::new(total));
+    let bar_for_progress = bar.clone();
+    let jobs_file = args.jobs_file.display().to_string();
+    let listener = batch::Listener {
+        progress: Box::new(move |c| {
+            if let Some(bar) = bar_for_progress.as_ref() {
+                bar.update(c.ok + c.failed + c.skipped, c.failed, c.running);
+            }
+        }),
+        invalid: Box::new(move |line, message| eprintln!("host: {jobs_file}:{line}: invalid job, skipped: {message}")),
+    };
+    let options = batch::Options { jobs: args.jobs, strict: args.strict };
+    let (counts, end) = batch::run(config, &runtime, ctx, input, output, done, options, listener).await?;
+    if let Some(bar) = bar.as_ref() {
+        bar.clear();
+    }
+    eprintln!(
+        "host: batch: {} ok, {} failed, {} invalid lines, {} already done{}",
+        counts.ok,
+        counts.failed,
+        counts.invalid,
+        counts.skipped,
+        if counts.cancelled > 0 { format!(", {} interrupted (a rerun does them)", counts.cancelled) } else { String::new() }
+    );
+    if let Some(signal) = *interrupted.borrow() {
+        return Ok(ExitCode::from(128 + signal as u8));
+    }
+    Ok(ExitCode::from(match end {
+        batch::End::Invalid => EXIT_USAGE,
+        _ if counts.failed > 0 => EXIT_FAILED,
+        _ => 0,
+    }))
 }
 
 /// Cancels `cancel` on SIGINT or SIGTERM; the receiver says which arrived.
@@ -252,6 +424,17 @@ fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Opti
 }
 
 fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
+    if !json {
+        for tried in &outcome.tried {
+            eprintln!("host: {} failed ({}): {}", tried.service, tried.kind.as_str(), tried.message);
+        }
+        if outcome.success && !outcome.tried.is_empty() {
+            eprintln!("host: answered by {}", outcome.service);
+        }
+        if !outcome.success && !outcome.tried.is_empty() {
+            eprintln!("host: all {} services failed:", outcome.tried.len() + 1);
+        }
+    }
     let mut stdout = std::io::stdout().lock();
     if json {
         serde_json::to_writer(&mut stdout, outcome)?;

@@ -17,18 +17,104 @@ use crate::service::{Request, Service};
 use crate::state::{self, AttemptRow, BreakerRow, State};
 use crate::blocking;
 
-/// What every request shares: the state store, the clock and the cancellation signal.
+/// What a request is doing, for live displays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress {
+    /// An attempt was admitted and its command is running.
+    Running,
+    /// The last attempt failed; the next starts after this wait.
+    Retrying(Duration),
+    /// The request is over: `true` for a success.
+    Finished(bool),
+}
+
+/// Hears what each service's request is doing.
+pub type Observer = Arc<dyn Fn(&str, Progress) + Send + Sync>;
+
+/// What every request shares: the state store, the clock, the cancellation signal, and an
+/// optional observer.
 #[derive(Clone)]
 pub struct Context {
     pub state: Arc<State>,
     pub clock: Arc<dyn Clock>,
     pub cancel: CancellationToken,
+    pub observer: Option<Observer>,
+}
+
+impl Context {
+    fn tell(&self, service: &str, progress: Progress) {
+        if let Some(observer) = &self.observer {
+            observer(service, progress);
+        }
+    }
 }
 
 /// Runs `request` on `service` with retries, breaker, quota and ledger; never fails, only
 /// returns failed outcomes.
 pub async fn execute(service: &Service, request: &Request, ctx: &Context) -> Outcome {
-    retry::run(&service.config.limits.retry, &*ctx.clock, &ctx.cancel, |number| attempt(service, request, ctx, number)).await
+    let name = service.config.name.as_str();
+    let on_wait = |wait| ctx.tell(name, Progress::Retrying(wait));
+    let outcome = retry::run(&service.config.limits.retry, &*ctx.clock, &ctx.cancel, &on_wait, |number| {
+        attempt(service, request, ctx, number)
+    })
+    .await;
+    ctx.tell(name, Progress::Finished(outcome.success));
+    outcome
+}
+
+/// A service ready to run, or the outcome that says why it cannot (e.g. a broken plugin).
+pub type Target = Result<Service, Outcome>;
+
+/// Sends the same request to every target at once, at most `jobs` at a time. Outcomes are
+/// sent on the returned channel in the order they finish; one target's failure or hang does
+/// not hold up the others.
+pub fn fan_out(targets: Vec<Target>, request: Arc<Request>, ctx: Context, jobs: usize) -> tokio::sync::mpsc::UnboundedReceiver<Outcome> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let permits = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    for target in targets {
+        let (tx, ctx, request, permits) = (tx.clone(), ctx.clone(), request.clone(), permits.clone());
+        tokio::spawn(async move {
+            let outcome = match target {
+                Err(outcome) => outcome,
+                Ok(service) => {
+                    let _permit = permits.acquire_owned().await;
+                    execute(&service, &request, &ctx).await
+                }
+            };
+            let _ = tx.send(outcome);
+        });
+    }
+    rx
+}
+
+/// Tries the targets in order until one succeeds. Services whose circuit is open or whose
+/// quota is used up are passed over without running anything. The outcome is the success
+/// (or the last failure) with `tried` listing the services left before it and why.
+pub async fn failover(chain: Vec<Target>, request: &Request, ctx: &Context) -> Outcome {
+    let mut tried = Vec::new();
+    let mut last = None;
+    for target in chain {
+        if let Some(previous) = last.take() {
+            tried.push(previous_failure(previous));
+        }
+        let outcome = match target {
+            Err(outcome) => outcome,
+            Ok(service) => execute(&service, request, ctx).await,
+        };
+        let stop = outcome.success || outcome.error.as_ref().is_some_and(|e| e.kind == FailureKind::Cancelled);
+        last = Some(outcome);
+        if stop {
+            break;
+        }
+    }
+    let mut outcome = last.expect("a failover chain has at least one service");
+    outcome.tried = tried;
+    outcome
+}
+
+fn previous_failure(outcome: Outcome) -> crate::outcome::Tried {
+    let error = outcome.error.unwrap_or_else(|| Failure::new(FailureKind::Other, "failed"));
+    crate::outcome::Tried { service: outcome.service, kind: error.kind, message: error.message }
 }
 
 /// Why admission refused an attempt.
@@ -63,6 +149,7 @@ async fn attempt(service: &Service, request: &Request, ctx: &Context, number: u3
         }
     };
     tracing::debug!(service = %config.name, "attempt {number} admitted{}", if probe { " as a half-open probe" } else { "" });
+    ctx.tell(&config.name, Progress::Running);
     let outcome = service.call(request, &ctx.cancel).await;
     if let Err(e) = record(ctx, config, request, id, probe, &outcome).await {
         tracing::warn!("service {}: the attempt's result could not be recorded: {e:#}", config.name);
@@ -199,7 +286,7 @@ mod tests {
         let runtime = Runtime::new(64 << 20, None).unwrap();
         let service = Service::load(&runtime, &config.services["echo"]).unwrap();
         let clock = Arc::new(FakeClock::at(1_000_000));
-        let ctx = Context { state: State::in_memory().unwrap(), clock: clock.clone(), cancel: CancellationToken::new() };
+        let ctx = Context { state: State::in_memory().unwrap(), clock: clock.clone(), cancel: CancellationToken::new(), observer: None };
         (service, ctx, clock)
     }
 

@@ -9,6 +9,7 @@
 pub mod breaker;
 pub mod cli;
 pub mod clock;
+pub mod batch;
 pub mod config;
 pub mod dirs;
 pub mod dispatch;
@@ -20,6 +21,7 @@ pub mod quota;
 pub mod retry;
 pub mod service;
 pub mod state;
+pub mod ui;
 pub mod report;
 
 /// Runs blocking work (a plugin call, a state transaction that may wait on another

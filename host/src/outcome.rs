@@ -95,6 +95,17 @@ pub struct Outcome {
     pub error: Option<Failure>,
     pub stdout: String,
     pub stderr: String,
+    /// With failover: the services tried before this one, and why each failed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tried: Vec<Tried>,
+}
+
+/// A service that failover tried and left.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Tried {
+    pub service: String,
+    pub kind: FailureKind,
+    pub message: String,
 }
 
 impl Outcome {
@@ -115,6 +126,7 @@ impl Outcome {
             error: Some(failure),
             stdout: String::new(),
             stderr: String::new(),
+            tried: Vec::new(),
         }
     }
 }

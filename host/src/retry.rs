@@ -51,8 +51,15 @@ pub fn next(policy: &RetryPolicy, attempt: u32, elapsed: Duration, failure: &Fai
 }
 
 /// Runs `attempt` until it succeeds or the policy says stop; returns the last outcome with
-/// `attempts` set. Waits are on `clock` and end early, as a cancelled outcome, on `cancel`.
-pub async fn run<F, Fut>(policy: &RetryPolicy, clock: &dyn Clock, cancel: &CancellationToken, mut attempt: F) -> Outcome
+/// `attempts` set. Waits are on `clock` and end early, as a cancelled outcome, on `cancel`;
+/// `on_wait` hears of each wait before it starts.
+pub async fn run<F, Fut>(
+    policy: &RetryPolicy,
+    clock: &dyn Clock,
+    cancel: &CancellationToken,
+    on_wait: &(dyn Fn(Duration) + Send + Sync),
+    mut attempt: F,
+) -> Outcome
 where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Outcome>,
@@ -79,6 +86,7 @@ where
                     failure.kind.as_str(),
                     failure.message
                 );
+                on_wait(wait);
                 tokio::select! {
                     _ = clock.sleep(wait) => {}
                     _ = cancel.cancelled() => {
@@ -122,7 +130,7 @@ mod tests {
     async fn rate_limited_twice_then_success_takes_three_attempts_with_doubling_waits() {
         let clock = FakeClock::at(0);
         let rl = Some(failure(FailureKind::RateLimited, None));
-        let outcome = run(&policy(), &clock, &CancellationToken::new(), scripted(vec![rl.clone(), rl, None])).await;
+        let outcome = run(&policy(), &clock, &CancellationToken::new(), &|_| {}, scripted(vec![rl.clone(), rl, None])).await;
         assert!(outcome.success);
         assert_eq!(outcome.attempts, 3);
         assert_eq!(*clock.slept.lock().unwrap(), vec![Duration::from_secs(1), Duration::from_secs(2)]);
@@ -132,7 +140,7 @@ mod tests {
     async fn non_retryable_kinds_stop_at_the_first_attempt() {
         for kind in [FailureKind::Auth, FailureKind::InvalidRequest, FailureKind::NotInstalled, FailureKind::PluginError] {
             let clock = FakeClock::at(0);
-            let outcome = run(&policy(), &clock, &CancellationToken::new(), scripted(vec![Some(failure(kind, None))])).await;
+            let outcome = run(&policy(), &clock, &CancellationToken::new(), &|_| {}, scripted(vec![Some(failure(kind, None))])).await;
             assert_eq!(outcome.attempts, 1, "{kind:?}");
             assert_eq!(clock.total_slept(), Duration::ZERO);
         }
@@ -142,7 +150,7 @@ mod tests {
     async fn attempts_stop_at_max_attempts() {
         let clock = FakeClock::at(0);
         let t = Some(failure(FailureKind::Transient, None));
-        let outcome = run(&policy(), &clock, &CancellationToken::new(), scripted(vec![t.clone(), t.clone(), t])).await;
+        let outcome = run(&policy(), &clock, &CancellationToken::new(), &|_| {}, scripted(vec![t.clone(), t.clone(), t])).await;
         assert_eq!(outcome.attempts, 3);
         assert_eq!(outcome.error.unwrap().kind, FailureKind::Transient);
     }
@@ -150,7 +158,7 @@ mod tests {
     #[tokio::test]
     async fn retry_after_is_honoured_as_the_least_wait() {
         let clock = FakeClock::at(0);
-        let outcome = run(&policy(), &clock, &CancellationToken::new(), scripted(vec![Some(failure(FailureKind::RateLimited, Some(7_000))), None])).await;
+        let outcome = run(&policy(), &clock, &CancellationToken::new(), &|_| {}, scripted(vec![Some(failure(FailureKind::RateLimited, Some(7_000))), None])).await;
         assert!(outcome.success);
         assert_eq!(clock.total_slept(), Duration::from_secs(7));
     }
@@ -158,7 +166,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_after_beyond_the_policy_stops_at_once_saying_when() {
         let clock = FakeClock::at(1_796_393_592_000);
-        let outcome = run(&policy(), &clock, &CancellationToken::new(), scripted(vec![Some(failure(FailureKind::RateLimited, Some(90_000)))])).await;
+        let outcome = run(&policy(), &clock, &CancellationToken::new(), &|_| {}, scripted(vec![Some(failure(FailureKind::RateLimited, Some(90_000)))])).await;
         assert_eq!(outcome.attempts, 1);
         assert_eq!(clock.total_slept(), Duration::ZERO);
         let message = outcome.error.unwrap().message;

@@ -84,6 +84,12 @@ impl Service {
         Ok(Service { config: config.clone(), info, plugin, view })
     }
 
+    /// Loads the service, or gives the failed outcome that says why it cannot run.
+    pub fn load_or_fail(runtime: &Runtime, config: &ServiceConfig) -> Result<Service, Outcome> {
+        Service::load(runtime, config)
+            .map_err(|e| Outcome::failed(&config.name, Failure::new(FailureKind::PluginError, format!("{e:#}"))))
+    }
+
     /// Asks the plugin whether the service's settings are right.
     pub fn validate(&self) -> Result<Result<(), String>> {
         self.plugin.validate(&self.view)
@@ -184,6 +190,7 @@ impl Service {
             error: None,
             stdout: String::from_utf8_lossy(&finished.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&finished.stderr).into_owned(),
+            tried: Vec::new(),
         };
         if let Some(stopped) = finished.stopped {
             let (kind, message) = match stopped {

@@ -1,0 +1,368 @@
+//! Batch runs: requests read from JSON Lines, run concurrently through the same policies as
+//! `host run`, each result appended as one whole line as soon as it is known. A rerun skips
+//! the ids already in the results, so a crash or Ctrl-C loses nothing and repeats nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, parse_duration};
+use crate::dispatch::{self, Context, Target};
+use crate::outcome::{FailureKind, Outcome};
+use crate::plugin::Runtime;
+use crate::service::{Request, Service, check_files};
+
+/// One input line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobLine {
+    /// A string or a number, unique in the batch.
+    id: serde_json::Value,
+    service: Option<String>,
+    services: Option<Vec<String>>,
+    prompt: String,
+    #[serde(default)]
+    files: Vec<PathBuf>,
+    model: Option<String>,
+    #[serde(default)]
+    fallback: Vec<String>,
+    timeout: Option<String>,
+    #[serde(default)]
+    options: BTreeMap<String, String>,
+}
+
+/// What a job runs.
+enum Plan {
+    /// One service (with a failover chain when it has fallbacks).
+    Chain(Vec<String>),
+    /// The same request to several services at once.
+    FanOut(Vec<String>),
+}
+
+struct Job {
+    id: serde_json::Value,
+    plan: Plan,
+    request: Request,
+}
+
+/// A result line: the job's id and the outcome (or, for a fan-out job, every outcome).
+#[derive(Serialize)]
+struct ResultLine<'a> {
+    id: &'a serde_json::Value,
+    #[serde(flatten)]
+    outcome: Option<&'a Outcome>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    success: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    results: Option<&'a [Outcome]>,
+}
+
+/// Counts as the batch goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ok: u64,
+    pub failed: u64,
+    pub running: u64,
+    /// Lines that are not valid jobs (reported, not run).
+    pub invalid: u64,
+    /// Jobs whose id already has a result.
+    pub skipped: u64,
+    /// Jobs stopped by Ctrl-C; not written, so a rerun does them.
+    pub cancelled: u64,
+}
+
+/// How the batch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Every line was read.
+    Complete,
+    /// `strict` and an invalid line: reading stopped there.
+    Invalid,
+    /// Cancelled.
+    Interrupted,
+}
+
+pub struct Options {
+    pub jobs: usize,
+    pub strict: bool,
+}
+
+/// What the caller hears of: progress, and each invalid line (1-based line number, message).
+pub struct Listener {
+    pub progress: Box<dyn Fn(Counts) + Send + Sync>,
+    pub invalid: Box<dyn Fn(u64, &str) + Send + Sync>,
+}
+
+/// Identifies a job id compactly (128 bits) for the set of those already done.
+fn id_key(id: &serde_json::Value) -> u128 {
+    let text = id.to_string();
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut a);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    (text.len(), &text, 0x9e37_79b9_u32).hash(&mut b);
+    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+}
+
+/// Opens the results file for appending and collects the ids it already holds. A last line
+/// cut short (a crash mid-write) is removed.
+pub fn open_results(path: &Path) -> Result<(std::fs::File, Vec<u128>)> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .with_context(|| format!("opening the results file {}", path.display()))?;
+    let mut ids = Vec::new();
+    let mut reader = std::io::BufReader::new(&file);
+    let mut line = Vec::new();
+    let mut complete_len: u64 = 0;
+    let mut number = 0;
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        number += 1;
+        if line.last() != Some(&b'\n') {
+            break;
+        }
+        complete_len += n as u64;
+        let value: serde_json::Value = serde_json::from_slice(&line)
+            .with_context(|| format!("{}:{number}: not a result line; pass another -o file", path.display()))?;
+        let id = value.get("id").with_context(|| format!("{}:{number}: a result line without an id", path.display()))?;
+        ids.push(id_key(id));
+    }
+    drop(reader);
+    if file.metadata()?.len() != complete_len {
+        tracing::warn!("{}: removing a last line cut short", path.display());
+        file.set_len(complete_len)?;
+    }
+    file.seek(SeekFrom::End(0))?;
+    Ok((file, ids))
+}
+
+/// Counts the lines of a file quickly, for the progress bar's total.
+pub fn count_lines(path: &Path) -> Option<u64> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = 0;
+    let mut last = b'\n';
+    loop {
+        let n = file.read(&mut buf).ok()?;
+        if n == 0 {
+            break;
+        }
+        lines += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+        last = buf[n - 1];
+    }
+    Some(lines + u64::from(last != b'\n'))
+}
+
+/// Parses and checks one input line against the configuration.
+fn parse_job(config: &Config, line: &str) -> Result<Job, String> {
+    let job: JobLine = serde_json::from_str(line).map_err(|e| {
+        let text = e.to_string();
+        let what = text.split(" at line ").next().unwrap_or(&text);
+        if e.is_syntax() || e.is_eof() { format!("not a JSON object: {what} at column {}", e.column()) } else { what.to_string() }
+    })?;
+    if !(job.id.is_string() || job.id.is_number()) {
+        return Err("`id` must be a string or a number".into());
+    }
+    let plan = match (job.service, job.services) {
+        (Some(service), None) => Plan::Chain(std::iter::once(service).chain(job.fallback).collect()),
+        (None, Some(services)) if !services.is_empty() && job.fallback.is_empty() => Plan::FanOut(services),
+        (None, Some(_)) if !job.fallback.is_empty() => return Err("`fallback` goes with `service`, not `services`".into()),
+        _ => return Err("give `service` (optionally with `fallback`) or a non-empty `services`".into()),
+    };
+    let names = match &plan {
+        Plan::Chain(names) | Plan::FanOut(names) => names,
+    };
+    for name in names {
+        config.service(name).map_err(|e| e.0)?;
+    }
+    let files = check_files(&job.files)?;
+    let timeout = job.timeout.as_deref().map(parse_duration).transpose()?;
+    let request = Request { prompt: job.prompt, files, model: job.model, options: job.options.into_iter().collect(), timeout };
+    Ok(Job { id: job.id, plan, request })
+}
+
+/// Loads services on first use and keeps them for the batch.
+struct Services<'a> {
+    config: &'a Config,
+    runtime: &'a Runtime,
+    loaded: Mutex<HashMap<String, Target>>,
+}
+
+impl Services<'_> {
+    fn get(&self, name: &str) -> Target {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        loaded
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                let config = self.config.service(name).expect("checked when the line was parsed");
+                Service::load_or_fail(self.runtime, config)
+            })
+            .clone()
+    }
+}
+
+enum Item {
+    Job(Job),
+    Invalid(u64, String),
+}
+
+/// Runs the batch: jobs from `input`, results to `output`. `done` holds the ids of results
+/// already written by an earlier run.
+pub async fn run(
+    config: &Config,
+    runtime: &Runtime,
+    ctx: Context,
+    input: Box<dyn BufRead + Send>,
+    output: Box<dyn Write + Send>,
+    done: Vec<u128>,
+    options: Options,
+    listener: Listener,
+) -> Result<(Counts, End)> {
+    let config_for_reader = config.clone();
+    let (item_tx, mut items) = tokio::sync::mpsc::channel::<Item>(options.jobs.max(1) * 4);
+    let cancel = ctx.cancel.clone();
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut number = 0u64;
+        for line in input.lines() {
+            number += 1;
+            let line = line.with_context(|| format!("reading line {number} of the jobs"))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let item = match parse_job(&config_for_reader, &line) {
+                Ok(job) => Item::Job(job),
+                Err(message) => Item::Invalid(number, message),
+            };
+            if item_tx.blocking_send(item).is_err() || cancel.is_cancelled() {
+                break;
+            }
+        }
+        Ok(())
+    });
+
+    let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
+    let seen: Mutex<std::collections::HashSet<u128>> = Mutex::new(done.into_iter().collect());
+    let counts = Mutex::new(Counts::default());
+    let output = Mutex::new(output);
+    let permits = tokio::sync::Semaphore::new(options.jobs.max(1));
+    let update = |f: &dyn Fn(&mut Counts)| {
+        let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut c);
+        (listener.progress)(*c);
+    };
+    let mut end = End::Complete;
+    let mut running = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    loop {
+        let item = tokio::select! {
+            biased;
+            Some(()) = running.next(), if !running.is_empty() => continue,
+            item = items.recv() => item,
+            _ = ctx.cancel.cancelled() => None,
+        };
+        let Some(item) = item else { break };
+        let job = match item {
+            Item::Invalid(number, message) => {
+                (listener.invalid)(number, &message);
+                update(&|c| c.invalid += 1);
+                if options.strict {
+                    end = End::Invalid;
+                    break;
+                }
+                continue;
+            }
+            Item::Job(job) => job,
+        };
+        if !seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id_key(&job.id)) {
+            update(&|c| c.skipped += 1);
+            continue;
+        }
+        // Wait for a free slot while finishing what runs, so results flow out as they come.
+        let permit = loop {
+            tokio::select! {
+                permit = permits.acquire() => break permit,
+                Some(()) = running.next(), if !running.is_empty() => {}
+            }
+        };
+        update(&|c| c.running += 1);
+        let (services, ctx, output, update) = (services.clone(), ctx.clone(), &output, &update);
+        running.push(async move {
+            let _permit = permit;
+            let line = run_job(&services, &job, &ctx).await;
+            match line {
+                None => update(&|c| {
+                    c.running -= 1;
+                    c.cancelled += 1;
+                }),
+                Some((text, ok)) => {
+                    let written = {
+                        let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
+                        out.write_all(text.as_bytes()).and_then(|()| out.flush())
+                    };
+                    if let Err(e) = written {
+                        tracing::error!("writing the result of job {}: {e}", job.id);
+                        ctx.cancel.cancel();
+                    }
+                    update(&|c| {
+                        c.running -= 1;
+                        if ok { c.ok += 1 } else { c.failed += 1 }
+                    });
+                }
+            }
+        });
+    }
+    while running.next().await.is_some() {}
+    drop(items);
+    if ctx.cancel.is_cancelled() {
+        end = End::Interrupted;
+    }
+    reader.await.context("the job reader panicked")??;
+    let counts = *counts.lock().unwrap_or_else(|p| p.into_inner());
+    Ok((counts, end))
+}
+
+/// Runs one job; the result line (with its newline) and whether it succeeded, or `None`
+/// when it was cancelled (nothing is written, so a rerun does it).
+async fn run_job(services: &Services<'_>, job: &Job, ctx: &Context) -> Option<(String, bool)> {
+    let cancelled = |o: &Outcome| o.error.as_ref().is_some_and(|e| e.kind == FailureKind::Cancelled);
+    let line = match &job.plan {
+        Plan::Chain(names) => {
+            let chain: Vec<Target> = names.iter().map(|n| services.get(n)).collect();
+            let outcome = dispatch::failover(chain, &job.request, ctx).await;
+            if cancelled(&outcome) {
+                return None;
+            }
+            let ok = outcome.success;
+            (serde_json::to_string(&ResultLine { id: &job.id, outcome: Some(&outcome), success: None, results: None }), ok)
+        }
+        Plan::FanOut(names) => {
+            let runs = names.iter().map(|n| async move {
+                match services.get(n) {
+                    Ok(service) => dispatch::execute(&service, &job.request, ctx).await,
+                    Err(outcome) => outcome,
+                }
+            });
+            let outcomes = futures::future::join_all(runs).await;
+            if outcomes.iter().any(cancelled) {
+                return None;
+            }
+            let ok = outcomes.iter().all(|o| o.success);
+            (serde_json::to_string(&ResultLine { id: &job.id, outcome: None, success: Some(ok), results: Some(&outcomes) }), ok)
+        }
+    };
+    let (text, ok) = line;
+    let mut text = text.expect("a result serializes");
+    text.push('\n');
+    Some((text, ok))
+}

@@ -1,0 +1,105 @@
+//! Live displays on a terminal's stderr (indicatif): a status line per service while a
+//! fan-out runs, and a progress bar for batches. Nothing is drawn when stderr is not a terminal.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::dispatch::{Observer, Progress};
+
+/// One status line per service.
+pub struct StatusLines {
+    multi: MultiProgress,
+    bars: HashMap<String, ProgressBar>,
+}
+
+impl StatusLines {
+    /// Lines for `services`, or `None` when stderr is not a terminal.
+    pub fn new(services: &[String]) -> Option<Arc<StatusLines>> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let style = ProgressStyle::with_template("{spinner} {prefix:<14} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner());
+        let bars = services
+            .iter()
+            .map(|name| {
+                let bar = multi.add(ProgressBar::new_spinner().with_style(style.clone()).with_prefix(name.clone()));
+                bar.set_message("waiting");
+                bar.enable_steady_tick(Duration::from_millis(100));
+                (name.clone(), bar)
+            })
+            .collect();
+        Some(Arc::new(StatusLines { multi, bars }))
+    }
+
+    /// An observer that updates the lines.
+    pub fn observer(self: &Arc<Self>) -> Observer {
+        let lines = self.clone();
+        Arc::new(move |service: &str, progress: Progress| {
+            let Some(bar) = lines.bars.get(service) else { return };
+            match progress {
+                Progress::Running => {
+                    bar.reset_elapsed();
+                    bar.set_style(ProgressStyle::with_template("{spinner} {prefix:<14} running {elapsed}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                }
+                Progress::Retrying(wait) => {
+                    bar.set_style(ProgressStyle::with_template("{spinner} {prefix:<14} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                    bar.set_message(format!("retrying in {:.1} s", wait.as_secs_f64()));
+                }
+                Progress::Finished(ok) => {
+                    bar.set_style(ProgressStyle::with_template("  {prefix:<14} {wide_msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+                    bar.finish_with_message(if ok { "done" } else { "failed" });
+                }
+            }
+        })
+    }
+
+    /// Runs `print` with the lines hidden, so output does not tangle with them.
+    pub fn suspend<R>(&self, print: impl FnOnce() -> R) -> R {
+        self.multi.suspend(print)
+    }
+
+    /// Removes the lines.
+    pub fn clear(&self) {
+        for bar in self.bars.values() {
+            bar.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+/// A batch's progress bar: done, failed and running counts and an ETA.
+pub struct BatchBar {
+    bar: ProgressBar,
+}
+
+impl BatchBar {
+    /// A bar for `total` jobs (a spinner when unknown), or `None` when stderr is not a terminal.
+    pub fn new(total: Option<u64>) -> Option<BatchBar> {
+        if !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = match total {
+            Some(n) => ProgressBar::with_draw_target(Some(n), ProgressDrawTarget::stderr()).with_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} done, {msg}, ETA {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ),
+            None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+                .with_style(ProgressStyle::with_template("{spinner} {pos} done, {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())),
+        };
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(BatchBar { bar })
+    }
+
+    pub fn update(&self, done: u64, failed: u64, running: u64) {
+        self.bar.set_position(done);
+        self.bar.set_message(format!("{failed} failed, {running} running"));
+    }
+
+    pub fn clear(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,247 @@
+//! Fan-out, failover and batch runs through the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{Sandbox, alive, eventually, read_pid};
+use serde_json::Value;
+
+const MIXED: &str = r#"
+[defaults]
+retry = { max_attempts = 1 }
+
+[services.ok1]
+plugin = "template"
+command = "echo"
+
+[services.ok2]
+plugin = "template"
+command = "echo"
+
+[services.failing]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["fail", "1", "HTTP 429 rate limit {prompt}"] }
+
+[services.hang]
+plugin = "template"
+command = "@FAKE@"
+timeout = "3s"
+settings = { args = ["hang", "@DIR@", "{prompt}"] }
+"#;
+
+fn lines(text: &str) -> Vec<Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
+#[test]
+fn fan_out_results_arrive_as_each_finishes_and_a_hang_delays_no_one() {
+    let sandbox = Sandbox::new(MIXED);
+    let run = sandbox.run(&["run", "all", "--json", "hi"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let results = lines(&run.stdout);
+    let order: Vec<&str> = results.iter().map(|r| r["service"].as_str().unwrap()).collect();
+    assert_eq!(order.len(), 4);
+    assert_eq!(order[3], "hang", "the hang is last: {order:?}");
+    assert_eq!(results[3]["error"]["kind"], "timeout");
+    let mut first: Vec<&str> = order[..3].to_vec();
+    first.sort();
+    assert_eq!(first, ["failing", "ok1", "ok2"]);
+    assert!(run.stderr.contains("2 ok, 2 failed: "), "{}", run.stderr);
+}
+
+#[test]
+fn fan_out_human_output_has_a_header_per_service_and_a_summary() {
+    let sandbox = Sandbox::new(MIXED);
+    let run = sandbox.run(&["run", "ok1,failing", "hello"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("=== ok1 (") && run.stdout.contains("hello\n"), "{}", run.stdout);
+    assert!(run.stdout.contains("=== failing FAILED (rate-limited) ==="), "{}", run.stdout);
+    assert!(run.stderr.trim_end().ends_with("1 ok, 1 failed: failing rate-limited"), "{}", run.stderr);
+    let all_ok = sandbox.run(&["run", "ok1,ok2", "--jobs", "1", "x"]);
+    assert_eq!(all_ok.code, 0, "{all_ok:?}");
+}
+
+#[test]
+fn failover_tries_in_order_and_skips_an_open_circuit_without_running_it() {
+    let sandbox = Sandbox::new(
+        r#"
+[defaults]
+retry = { max_attempts = 1 }
+
+[services.tripped]
+plugin = "template"
+command = "@FAKE@"
+breaker = { failure_threshold = 1, reset_timeout = "10m" }
+settings = { args = ["fail", "1", "HTTP 503 {prompt}"] }
+
+[services.limited]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["fail", "1", "429 Too Many Requests {prompt}"] }
+
+[services.good]
+plugin = "template"
+command = "echo"
+"#,
+    );
+    assert_eq!(sandbox.run(&["run", "tripped", "x"]).code, 1);
+    let run = sandbox.run(&["run", "tripped", "--fallback", "limited,good", "--json", "answer"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let j = run.json();
+    assert_eq!((j["service"].as_str(), j["text"].as_str()), (Some("good"), Some("answer")));
+    let tried: Vec<(&str, &str)> = j["tried"].as_array().unwrap().iter().map(|t| (t["service"].as_str().unwrap(), t["kind"].as_str().unwrap())).collect();
+    assert_eq!(tried, [("tripped", "circuit-open"), ("limited", "rate-limited")]);
+    let human = sandbox.run(&["run", "tripped", "--fallback", "limited", "x"]);
+    assert_eq!(human.code, 1);
+    assert!(human.stderr.contains("tripped failed (circuit-open)") && human.stderr.contains("limited failed (rate-limited)"), "{}", human.stderr);
+    assert!(human.stderr.contains("all 2 services failed"), "{}", human.stderr);
+}
+
+#[test]
+fn sigint_stops_every_fan_out_child_prints_what_finished_and_exits_130() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.quick]
+plugin = "template"
+command = "echo"
+
+[services.hang]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["hang", "@DIR@", "{prompt}"] }
+"#,
+    );
+    let mut child = sandbox.host().args(["run", "all", "--json", "x"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    assert!(first.contains("\"service\":\"quick\""), "{first}");
+    let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(rest.contains("\"kind\":\"cancelled\""), "{rest}");
+    assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
+}
+
+const BATCH: &str = r#"
+[defaults]
+retry = { max_attempts = 1 }
+
+[services.echo]
+plugin = "template"
+command = "echo"
+
+[services.slow]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["sleep", "0.2", "{prompt}"] }
+
+[services.failing]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["fail", "1", "HTTP 503 {prompt}"] }
+"#;
+
+fn write_jobs(sandbox: &Sandbox, lines: &[String]) -> String {
+    let path = sandbox.path("jobs.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn batch_results_carry_ids_and_outcomes_for_every_job_shape() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(
+        &sandbox,
+        &[
+            r#"{"id": 1, "service": "echo", "prompt": "one"}"#.into(),
+            r#"{"id": "two", "services": ["echo", "failing"], "prompt": "two"}"#.into(),
+            r#"{"id": 3, "service": "failing", "fallback": ["echo"], "prompt": "three"}"#.into(),
+            r#"{"id": 4, "service": "failing", "prompt": "four"}"#.into(),
+        ],
+    );
+    let results = sandbox.path("results.jsonl");
+    let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let by_id = |id: Value| lines(&std::fs::read_to_string(&results).unwrap()).into_iter().find(|r| r["id"] == id).unwrap();
+    assert_eq!(by_id(1.into())["text"], "one");
+    let two = by_id("two".into());
+    assert_eq!((two["success"].as_bool(), two["results"].as_array().unwrap().len()), (Some(false), 2));
+    assert_eq!((by_id(3.into())["service"].as_str(), by_id(3.into())["tried"][0]["service"].as_str()), (Some("echo"), Some("failing")));
+    assert_eq!(by_id(4.into())["error"]["kind"], "transient");
+    assert!(run.stderr.contains("2 ok, 2 failed"), "jobs 2 and 4 failed: {}", run.stderr);
+}
+
+#[test]
+fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(
+        &sandbox,
+        &[
+            r#"{"id": 1, "service": "echo", "prompt": "one"}"#.into(),
+            "this is not json".into(),
+            r#"{"id": 3, "service": "nope", "prompt": "x"}"#.into(),
+            r#"{"id": 4, "prompt": "no service"}"#.into(),
+            r#"{"id": 5, "service": "echo", "prompt": "five", "colour": "red"}"#.into(),
+            r#"{"id": 6, "service": "echo", "prompt": "six"}"#.into(),
+        ],
+    );
+    let run = sandbox.run(&["batch", &jobs]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 2, "results go to stdout without -o");
+    for (line, says) in [(2, "not a JSON object"), (3, "unknown service `nope`"), (4, "give `service`"), (5, "unknown field `colour`")] {
+        assert!(run.stderr.contains(&format!("jobs.jsonl:{line}: invalid job, skipped: {says}")), "line {line}: {}", run.stderr);
+    }
+    let strict = sandbox.run(&["batch", &jobs, "--strict"]);
+    assert_eq!(strict.code, 2, "{strict:?}");
+    assert_eq!(strict.stdout.lines().count(), 1, "stopped at line 2");
+}
+
+#[test]
+fn batch_reads_jobs_from_stdin() {
+    let sandbox = Sandbox::new(BATCH);
+    let input = "{\"id\": \"a\", \"service\": \"echo\", \"prompt\": \"from stdin\"}\n";
+    let run = sandbox.run_with_stdin(&["batch", "-"], input.as_bytes());
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(lines(&run.stdout)[0]["text"], "from stdin");
+}
+
+#[test]
+fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs: Vec<String> = (0..40).map(|i| format!(r#"{{"id": {i}, "service": "slow", "prompt": "job {i}"}}"#)).collect();
+    let jobs = write_jobs(&sandbox, &jobs);
+    let results = sandbox.path("results.jsonl");
+    let mut child = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "4"]).stderr(Stdio::null()).spawn().unwrap();
+    let count = || std::fs::read_to_string(&results).map(|t| t.lines().count()).unwrap_or(0);
+    assert!(eventually(Duration::from_secs(30), || count() >= 8), "no progress");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = count();
+    assert!(before < 40, "the batch finished before it was killed");
+    let rerun = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "8"]);
+    assert_eq!(rerun.code, 0, "{rerun:?}");
+    assert!(rerun.stderr.contains(&format!("{before} already done")), "{}", rerun.stderr);
+    let mut ids: Vec<i64> = lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, (0..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn batch_removes_a_last_result_line_cut_short() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "echo", "prompt": "one"}"#.into(), r#"{"id": 2, "service": "echo", "prompt": "two"}"#.into()]);
+    let results = sandbox.path("results.jsonl");
+    std::fs::write(&results, "{\"id\":1,\"success\":true}\n{\"id\":2,\"succ").unwrap();
+    let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let ids: Vec<i64> = lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, [1, 2]);
+}
