@@ -312,6 +312,17 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
     Ok(ExitCode::from(if all_ok { 0 } else { EXIT_FAILED }))
 }
 
+/// User and system CPU time of this process (all its threads, not its children).
+fn own_cpu_time() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 /// "3 ok, 1 failed: qwen rate-limited"
 fn summary(outcomes: &[Outcome]) -> String {
     let ok = outcomes.iter().filter(|o| o.success).count();
@@ -387,6 +398,9 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
     if let Some(bar) = bar.as_ref() {
         bar.clear();
     }
+    let jobs_run = (counts.ok + counts.failed).max(1);
+    let cpu = own_cpu_time();
+    tracing::info!("batch: host process CPU {:.0} ms in all, {:.1} us per job", cpu.as_secs_f64() * 1e3, cpu.as_secs_f64() * 1e6 / jobs_run as f64);
     eprintln!(
         "host: batch: {} ok, {} failed, {} invalid lines, {} already done{}",
         counts.ok,

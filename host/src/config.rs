@@ -27,7 +27,7 @@ const RESERVED_NAMES: &[&str] = &["all"];
 pub struct ConfigError(pub String);
 
 /// Where a plugin comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum PluginSource {
     /// One of [`BUILTIN_PLUGINS`].
     Builtin(String),

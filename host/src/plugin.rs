@@ -72,6 +72,7 @@ pub struct Runtime {
     linker: Linker<State>,
     cache_dir: Option<PathBuf>,
     slots: Arc<Slots>,
+    prepared: std::sync::Mutex<std::collections::HashMap<PluginSource, ServicePluginPre<State>>>,
 }
 
 /// A counting semaphore over the instance pool, so that concurrent calls wait for an
@@ -171,7 +172,7 @@ impl Runtime {
         any(ServicePlugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s))
             .context("linking the plugin contract")?;
         let slots = Arc::new(Slots { free: std::sync::Mutex::new(PLUGIN_SLOTS), freed: std::sync::Condvar::new() });
-        Ok(Runtime { engine, linker, cache_dir, slots })
+        Ok(Runtime { engine, linker, cache_dir, slots, prepared: Default::default() })
     }
 
     /// The default compile cache: `$XDG_CACHE_HOME/exechost/plugins`.
@@ -182,6 +183,22 @@ impl Runtime {
     /// Loads a plugin: compiles it (or takes it from the cache), checks that it targets the
     /// contract, and prepares it for instantiation.
     pub fn load(&self, source: &PluginSource, limits: PluginLimits) -> Result<Plugin> {
+        // Services sharing a plugin share its compiled, linked form; only limits differ.
+        let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+        let pre = match prepared.get(source) {
+            Some(pre) => pre.clone(),
+            None => {
+                let pre = self.prepare(source)?;
+                prepared.insert(source.clone(), pre.clone());
+                pre
+            }
+        };
+        Ok(Plugin {
+            inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
+        })
+    }
+
+    fn prepare(&self, source: &PluginSource) -> Result<ServicePluginPre<State>> {
         let (bytes, digest): (std::borrow::Cow<'static, [u8]>, String) = match source {
             PluginSource::Builtin(name) => {
                 let (bytes, digest) = builtin(name).ok_or_else(|| anyhow!("no built-in plugin called `{name}`"))?;
@@ -199,9 +216,7 @@ impl Runtime {
             .with_context(|| format!("plugin {source} imports something this host does not provide (only WASI p2 is available)"))?;
         let pre = any(ServicePluginPre::new(pre))
             .with_context(|| format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract"))?;
-        Ok(Plugin {
-            inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
-        })
+        Ok(pre)
     }
 
     /// Compiles, or deserializes what an earlier compile of the same bytes left in the cache.

@@ -1,0 +1,162 @@
+//! Dispatch benchmarks through the release `host` binary:
+//! - fan-out of 64 services whose command sleeps 1 s: wall time and peak RSS;
+//! - `host batch` of 5,000 jobs running `/bin/true` at --jobs 16, against `xargs -P16` and a
+//!   bare tokio loop that spawns the same command with captured output at the same
+//!   concurrency, plus the host's own CPU time per job;
+//! - with `-- --million`: peak RSS of a 1,000,000-line batch (jobs that fail fast: the command
+//!   is not installed, so nothing is spawned and the run takes minutes, not hours).
+//!
+//! Run: `cargo bench -p host --bench dispatch` (add `-- --million` for the large batch).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const HOST: &str = env!("CARGO_BIN_EXE_host");
+
+struct Measured {
+    wall: Duration,
+    max_rss_kib: i64,
+    stderr: String,
+}
+
+/// Runs a command to its end; wall time and peak RSS (wait4, the process and its children).
+fn measure(cmd: &mut Command) -> Measured {
+    let started = Instant::now();
+    let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    Measured { wall: started.elapsed(), max_rss_kib: usage.ru_maxrss, stderr: reader.join().unwrap() }
+}
+
+fn host(dir: &Path) -> Command {
+    let mut cmd = Command::new(HOST);
+    cmd.env("XDG_CACHE_HOME", dir.join("cache"))
+        .arg("--config")
+        .arg(dir.join("services.toml"))
+        .arg("--state")
+        .arg(dir.join("state.db"));
+    cmd
+}
+
+fn fan_out(dir: &Path) {
+    let mut config = String::new();
+    for i in 0..64 {
+        config += &format!("[services.s{i:02}]\nplugin = \"template\"\ncommand = \"sleep\"\nsettings = {{ args = [\"1\"], stdin = \"prompt\" }}\n\n");
+    }
+    std::fs::write(dir.join("services.toml"), config).unwrap();
+    measure(host(dir).args(["run", "s00", "warm-up"]));
+    let m = measure(host(dir).args(["run", "all", "--json", "x"]));
+    println!(
+        "fan-out of 64 services sleeping 1 s: {:.3} s wall ({:.1}% over 1 s), peak RSS {:.1} MiB",
+        m.wall.as_secs_f64(),
+        (m.wall.as_secs_f64() - 1.0) * 100.0,
+        m.max_rss_kib as f64 / 1024.0
+    );
+}
+
+fn batch_vs_xargs(dir: &Path) {
+    const JOBS: usize = 5_000;
+    std::fs::write(
+        dir.join("services.toml"),
+        "[services.true]\nplugin = \"template\"\ncommand = \"/bin/true\"\nsettings = { args = [\"{prompt}\"] }\n",
+    )
+    .unwrap();
+    let jobs = dir.join("jobs.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&jobs).unwrap());
+    for i in 0..JOBS {
+        writeln!(file, r#"{{"id": {i}, "service": "true", "prompt": "job {i}"}}"#).unwrap();
+    }
+    drop(file);
+    measure(host(dir).args(["run", "true", "warm-up"]));
+
+    let results = dir.join("results.jsonl");
+    let _ = std::fs::remove_file(&results);
+    let h = measure(host(dir).args(["-v", "batch"]).arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
+    let written = std::fs::read_to_string(&results).unwrap().lines().count();
+    assert_eq!(written, JOBS, "{}", h.stderr);
+    let cpu_line = h.stderr.lines().find(|l| l.contains("host process CPU")).unwrap_or("").to_string();
+
+    let x = measure(Command::new("sh").args(["-c", &format!("seq {JOBS} | xargs -P16 -n1 /bin/true")]));
+    let bare = bare_tokio_loop(JOBS, 16);
+
+    let rate = |d: Duration| JOBS as f64 / d.as_secs_f64();
+    println!("batch of {JOBS} jobs running /bin/true, 16 at a time:");
+    println!("  host batch        {:>7.0} jobs/s ({:.2} s), peak RSS {:.1} MiB", rate(h.wall), h.wall.as_secs_f64(), h.max_rss_kib as f64 / 1024.0);
+    println!("  xargs -P16        {:>7.0} jobs/s ({:.2} s)", rate(x.wall), x.wall.as_secs_f64());
+    println!("  bare tokio loop   {:>7.0} jobs/s ({:.2} s)", rate(bare), bare.as_secs_f64());
+    println!("  host / xargs = {:.2}x, host / bare tokio = {:.2}x", rate(h.wall) / rate(x.wall), rate(h.wall) / rate(bare));
+    println!("  {}", cpu_line.trim());
+}
+
+/// The floor: spawn the same command with captured output, `concurrency` at a time.
+fn bare_tokio_loop(jobs: usize, concurrency: usize) -> Duration {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let started = Instant::now();
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+        let mut tasks = Vec::with_capacity(jobs);
+        for i in 0..jobs {
+            let permit = permits.clone().acquire_owned().await.unwrap();
+            tasks.push(tokio::spawn(async move {
+                let out = tokio::process::Command::new("/bin/true")
+                    .arg(format!("job {i}"))
+                    .stdin(Stdio::null())
+                    .output()
+                    .await
+                    .unwrap();
+                drop(permit);
+                out.status.success()
+            }));
+        }
+        for t in tasks {
+            assert!(t.await.unwrap());
+        }
+        started.elapsed()
+    })
+}
+
+fn million(dir: &Path) {
+    const JOBS: usize = 1_000_000;
+    std::fs::write(
+        dir.join("services.toml"),
+        "[services.absent]\nplugin = \"template\"\ncommand = \"exechost-bench-absent\"\nretry = { max_attempts = 1 }\nbreaker = { enabled = false }\n",
+    )
+    .unwrap();
+    let jobs = dir.join("million.jsonl");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&jobs).unwrap());
+    for i in 0..JOBS {
+        writeln!(file, r#"{{"id": {i}, "service": "absent", "prompt": "job number {i} with a prompt of some length"}}"#).unwrap();
+    }
+    drop(file);
+    let results = dir.join("million-results.jsonl");
+    let m = measure(host(dir).arg("batch").arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
+    let written = std::fs::read_to_string(&results).unwrap().lines().count();
+    println!(
+        "batch of {JOBS} lines (command not installed): {:.0} s, {written} results, peak RSS {:.1} MiB",
+        m.wall.as_secs_f64(),
+        m.max_rss_kib as f64 / 1024.0
+    );
+}
+
+fn main() {
+    let dir: PathBuf = std::env::temp_dir().join(format!("exechost-dispatch-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    fan_out(&dir);
+    let _ = std::fs::remove_file(dir.join("state.db"));
+    batch_vs_xargs(&dir);
+    if std::env::args().any(|a| a == "--million") {
+        million(&dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
