@@ -126,7 +126,8 @@ struct Refusal {
 /// One attempt: admission (waiting for quota within `quota_wait`), the call, the record.
 async fn attempt(service: &Service, request: &Request, ctx: &Context, number: u32) -> Outcome {
     let config = &service.config;
-    let (id, probe) = loop {
+    let started_ms = ctx.clock.now();
+    let Admitted { id, probe } = loop {
         match admit(ctx, config, request).await {
             Ok(Ok(admitted)) => break admitted,
             Ok(Err(refusal)) => {
@@ -151,7 +152,7 @@ async fn attempt(service: &Service, request: &Request, ctx: &Context, number: u3
     tracing::debug!(service = %config.name, "attempt {number} admitted{}", if probe { " as a half-open probe" } else { "" });
     ctx.tell(&config.name, Progress::Running);
     let outcome = service.call(request, &ctx.cancel).await;
-    if let Err(e) = record(ctx, config, request, id, probe, &outcome).await {
+    if let Err(e) = record(ctx, config, request, (id, started_ms), probe, &outcome).await {
         tracing::warn!("service {}: the attempt's result could not be recorded: {e:#}", config.name);
     }
     outcome
@@ -167,25 +168,50 @@ fn probe_lease(config: &ServiceConfig) -> Millis {
     (config.limits.timeout + config.limits.kill_grace + Duration::from_secs(5)).as_millis() as Millis
 }
 
-/// In one write transaction: the breaker decides, the quota is checked, and an admitted
-/// attempt is entered in the ledger as running (so concurrent processes count it at once).
-async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Result<Result<(i64, bool), Refusal>> {
+/// An admitted attempt: its ledger row when admission entered it (as running), and whether
+/// it is a half-open probe.
+struct Admitted {
+    id: Option<i64>,
+    probe: bool,
+}
+
+/// The breaker decides and the quota is checked. With a quota, or when the breaker's state
+/// changes (a half-open probe), this is one write transaction that also enters the attempt
+/// in the ledger as running, so concurrent processes count it at once. Otherwise a read
+/// suffices and the attempt is entered when it finishes.
+async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Result<Result<Admitted, Refusal>> {
     let (state, now) = (ctx.state.clone(), ctx.clock.now());
     let (config, model) = (config.clone(), request.model.clone().or_else(|| config.default_model.clone()));
     blocking(move || {
-        state.write(|tx| {
-            let name = config.name.as_str();
-            let limits = &config.limits;
-            let stored = state::load_breaker(tx, name)?;
+        let name = config.name.as_str();
+        let limits = &config.limits;
+        let quota = &limits.quota;
+        let has_quota = quota.rpm.is_some() || quota.tpm.is_some() || quota.daily.is_some();
+        let decide = |stored: Option<BreakerRow>| {
             let mut row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));
-            let probe = match breaker::admit(&limits.breaker, name, &mut row, now, probe_lease(&config)) {
+            let admit = breaker::admit(&limits.breaker, name, &mut row, now, probe_lease(&config));
+            let changed = stored.as_ref().is_some_and(|s| *s != row) || (stored.is_none() && row != BreakerRow::closed(now));
+            (admit, row, changed)
+        };
+        if !has_quota {
+            let stored = state.read(|tx| state::load_breaker(tx, name))?;
+            match decide(stored) {
+                (Admit::Yes { probe }, _, false) => return Ok(Ok(Admitted { id: None, probe })),
+                (Admit::No { until, message }, _, false) => {
+                    return Ok(Err(Refusal { failure: Failure::new(FailureKind::CircuitOpen, message), until }));
+                }
+                _ => {} // The state changes: decide again under the write lock.
+            }
+        }
+        state.write(|tx| {
+            let (admit, row, changed) = decide(state::load_breaker(tx, name)?);
+            let probe = match admit {
                 Admit::Yes { probe } => probe,
                 Admit::No { until, message } => {
                     return Ok(Err(Refusal { failure: Failure::new(FailureKind::CircuitOpen, message), until }));
                 }
             };
-            let quota = &limits.quota;
-            if quota.rpm.is_some() || quota.tpm.is_some() || quota.daily.is_some() {
+            if has_quota {
                 let recent = state::spawned_since(tx, name, now - MINUTE_MS)?;
                 let today = if quota.daily.is_some() { state::count_spawned_since(tx, name, day_start(now))? } else { 0 };
                 if let Err(exhausted) = quota::check(quota, name, &recent, today, now) {
@@ -194,7 +220,7 @@ async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Resu
                     return Ok(Err(Refusal { failure, until: exhausted.until }));
                 }
             }
-            if stored.as_ref() != Some(&row) {
+            if changed {
                 state::save_breaker(tx, name, &row)?;
             }
             let running = AttemptRow {
@@ -205,7 +231,7 @@ async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Resu
                 spawned: true,
                 ..AttemptRow::default()
             };
-            Ok(Ok((state::insert_attempt(tx, &running)?, probe)))
+            Ok(Ok(Admitted { id: Some(state::insert_attempt(tx, &running)?), probe }))
         })
     })
     .await
@@ -230,14 +256,27 @@ fn ledger_row(config: &ServiceConfig, request: &Request, outcome: &Outcome, star
 }
 
 /// Completes the attempt's ledger row and tells the breaker how it went.
-async fn record(ctx: &Context, config: &ServiceConfig, request: &Request, id: i64, probe: bool, outcome: &Outcome) -> Result<()> {
+/// `entry` is the ledger row admission entered (if it did) and when the attempt started.
+async fn record(
+    ctx: &Context,
+    config: &ServiceConfig,
+    request: &Request,
+    entry: (Option<i64>, Millis),
+    probe: bool,
+    outcome: &Outcome,
+) -> Result<()> {
     let (state, now) = (ctx.state.clone(), ctx.clock.now());
-    let row = ledger_row(config, request, outcome, 0, true);
+    let row = ledger_row(config, request, outcome, entry.1, true);
     let (config, failure) = (config.clone(), outcome.error.as_ref().map(|e| e.kind));
     blocking(move || {
         state.write(|tx| {
             let name = config.name.as_str();
-            state::finish_attempt(tx, id, &row)?;
+            match entry.0 {
+                Some(id) => state::finish_attempt(tx, id, &row)?,
+                None => {
+                    state::insert_attempt(tx, &row)?;
+                }
+            }
             let policy = &config.limits.breaker;
             let stored = state::load_breaker(tx, name)?;
             let mut breaker_row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -143,29 +142,46 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
     })?;
     let pgid = child.id().map(|id| id as i32).unwrap_or(0);
 
-    let activity = Arc::new(AtomicU64::new(0));
-    let writer = match (child.stdin.take(), spec.stdin.clone()) {
-        (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
-            // A child that exits without reading its input closes the pipe: not an error.
-            let _ = pipe.write_all(&bytes).await;
-            let _ = pipe.shutdown().await;
-        })),
-        _ => None,
+    // Everything below runs in this one task: the readers, the stdin writer and the
+    // supervisor are polled together, so a request costs no extra task wake-ups.
+    let activity = AtomicU64::new(0);
+    let (leader_gone, gone) = tokio::sync::watch::channel(false);
+    // After the leader exits, readers get `patience` to reach end of file: a pipe held open by
+    // a process that escaped the group is given up on, keeping what was read.
+    let patience = spec.kill_grace.max(Duration::from_millis(100));
+    let give_up = || {
+        let mut gone = gone.clone();
+        async move {
+            let _ = gone.wait_for(|g| *g).await;
+            tokio::time::sleep(patience).await;
+        }
     };
-    let out = capture(child.stdout.take(), spec.max_output, activity.clone(), started);
-    let err = capture(child.stderr.take(), spec.max_output, activity.clone(), started);
-
-    let (status, stopped) = supervise(&mut child, pgid, spec, &activity, started, cancel).await;
-    let duration = started.elapsed();
-    // The leader is gone; nothing it left behind in its group may outlive the request.
-    if pgid > 0 {
-        signal_group(pgid, libc::SIGKILL);
-    }
-    if let Some(writer) = writer {
-        writer.abort();
-    }
-    let (stdout, stdout_truncated) = collect(out, spec.kill_grace).await;
-    let (stderr, stderr_truncated) = collect(err, spec.kill_grace).await;
+    let writer = {
+        let (pipe, bytes) = (child.stdin.take(), spec.stdin.as_deref());
+        let mut gone = gone.clone();
+        async move {
+            let (Some(mut pipe), Some(bytes)) = (pipe, bytes) else { return };
+            // A child that exits without reading its input closes the pipe: not an error.
+            tokio::select! {
+                _ = async { let _ = pipe.write_all(bytes).await; let _ = pipe.shutdown().await; } => {}
+                _ = gone.wait_for(|g| *g) => {}
+            }
+        }
+    };
+    let out = capture(child.stdout.take(), spec.max_output, &activity, started, give_up());
+    let err = capture(child.stderr.take(), spec.max_output, &activity, started, give_up());
+    let supervisor = async {
+        let ended = supervise(&mut child, pgid, spec, &activity, started, cancel).await;
+        let duration = started.elapsed();
+        // The leader is gone; nothing it left behind in its group may outlive the request.
+        if pgid > 0 {
+            signal_group(pgid, libc::SIGKILL);
+        }
+        let _ = leader_gone.send(true);
+        (ended, duration)
+    };
+    let (((status, stopped), duration), (stdout, stdout_truncated), (stderr, stderr_truncated), ()) =
+        tokio::join!(supervisor, out, err, writer);
     Ok(Finished { status, stopped, stdout, stderr, stdout_truncated, stderr_truncated, duration })
 }
 
@@ -226,53 +242,35 @@ fn to_status(status: io::Result<std::process::ExitStatus>) -> Status {
     }
 }
 
-/// Output read so far from one stream.
-#[derive(Default)]
-struct Captured {
-    kept: Vec<u8>,
-    truncated: bool,
-}
-
-type SharedCapture = Arc<std::sync::Mutex<Captured>>;
-
-/// Reads a stream to its end into `into`, keeping at most `cap` bytes and draining the rest.
-fn capture<R: AsyncRead + Unpin + Send + 'static>(
+/// Reads a stream to its end (or until `give_up` completes), keeping at most `cap` bytes and
+/// draining the rest.
+async fn capture<R: AsyncRead + Unpin>(
     stream: Option<R>,
     cap: u64,
-    activity: Arc<AtomicU64>,
+    activity: &AtomicU64,
     started: Instant,
-) -> (SharedCapture, tokio::task::JoinHandle<()>) {
-    let into = SharedCapture::default();
-    let shared = into.clone();
-    let task = tokio::spawn(async move {
-        let Some(mut stream) = stream else { return };
-        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        let mut chunk = vec![0u8; 64 * 1024];
-        loop {
-            match stream.read(&mut chunk).await {
+    give_up: impl std::future::Future<Output = ()>,
+) -> (Vec<u8>, bool) {
+    let Some(mut stream) = stream else { return (Vec::new(), false) };
+    let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+    let (mut kept, mut truncated) = (Vec::new(), false);
+    let mut chunk = vec![0u8; 64 * 1024];
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            read = stream.read(&mut chunk) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    let mut c = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    let room = cap.saturating_sub(c.kept.len());
-                    c.kept.extend_from_slice(&chunk[..n.min(room)]);
-                    c.truncated |= n > room;
+                    let room = cap.saturating_sub(kept.len());
+                    kept.extend_from_slice(&chunk[..n.min(room)]);
+                    truncated |= n > room;
                 }
-            }
+            },
+            _ = &mut give_up => break,
         }
-    });
-    (into, task)
-}
-
-/// Waits for a reader to reach end of file; a pipe held open by a process that escaped the
-/// group is given up on after `patience`, keeping what was read.
-async fn collect((captured, reader): (SharedCapture, tokio::task::JoinHandle<()>), patience: Duration) -> (Vec<u8>, bool) {
-    let abort = reader.abort_handle();
-    if tokio::time::timeout(patience.max(Duration::from_millis(100)), reader).await.is_err() {
-        abort.abort();
     }
-    let mut c = captured.lock().unwrap_or_else(|p| p.into_inner());
-    (std::mem::take(&mut c.kept), c.truncated)
+    (kept, truncated)
 }
 
 #[cfg(test)]
