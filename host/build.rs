@@ -11,6 +11,11 @@ use sha2::{Digest, Sha256};
 /// Plugin crates to build: (package, artifact file stem).
 const PLUGINS: &[(&str, &str)] = &[
     ("template-plugin", "template_plugin"),
+    ("gemini-plugin", "gemini_plugin"),
+    ("qwen-plugin", "qwen_plugin"),
+    ("claude-plugin", "claude_plugin"),
+    ("codex-plugin", "codex_plugin"),
+    ("llm-plugin", "llm_plugin"),
     ("misbehave-plugin", "misbehave_plugin"),
     ("future-plugin", "future_plugin"),
 ];

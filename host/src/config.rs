@@ -16,7 +16,7 @@ use crate::outcome::FailureKind;
 pub const BUILTIN_CONFIG: &str = include_str!("../../services.toml");
 
 /// Names of the plugins embedded in the binary.
-pub const BUILTIN_PLUGINS: &[&str] = &["template"];
+pub const BUILTIN_PLUGINS: &[&str] = &["template", "gemini", "qwen", "claude", "codex", "llm"];
 
 /// Service names with a meaning of their own on the command line.
 const RESERVED_NAMES: &[&str] = &["all"];

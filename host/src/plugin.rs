@@ -53,6 +53,11 @@ fn builtin(name: &str) -> Option<(&'static [u8], &'static str)> {
     }
     match name {
         "template" => Some(embedded!("template_plugin")),
+        "gemini" => Some(embedded!("gemini_plugin")),
+        "qwen" => Some(embedded!("qwen_plugin")),
+        "claude" => Some(embedded!("claude_plugin")),
+        "codex" => Some(embedded!("codex_plugin")),
+        "llm" => Some(embedded!("llm_plugin")),
         _ => None,
     }
 }
