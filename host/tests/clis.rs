@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use common::mock::{Mock, Mode, down_url};
 use common::{Run, Sandbox, eventually};
-use serde_json::Value;
 
 /// The CLI's executable: tests/.tools/bin first, then PATH. A missing CLI fails the test
 /// with what to do.
@@ -47,12 +46,14 @@ impl Rig {
 plugin = "{name}"
 command = "{}"
 default_model = "{default_model}"
-timeout = "60s"
+timeout = "{timeout}"
 retry = {{ {retry} }}
 env = {env}
 settings = {settings}
 "#,
-            command.display()
+            command.display(),
+            // qwen's own retry layer cannot be turned off: a 429 or 500 takes it about 80 s.
+            timeout = if name == "qwen" { "150s" } else { "60s" },
         ));
         let home = sandbox.path("home");
         let write = |path: &str, text: String| {
@@ -253,5 +254,4 @@ fn health_runs_each_cli_version_check() {
     assert_eq!(run.code, 0, "{run:?}");
     let detail = run.json()[0]["detail"].as_str().unwrap_or_default().to_string();
     assert!(detail.contains("Claude Code"), "{detail}");
-    let _: Value = run.json();
 }

@@ -195,3 +195,63 @@ mod tests {
         assert_eq!(json_values("{\"x\":1}\n{\"x\":2}\n").len(), 2);
     }
 }
+
+/// Helpers for the plugins' own tests.
+pub mod testing {
+    use super::*;
+
+    /// A service entry as the host would hand it over.
+    pub fn service(name: &str, settings: &str) -> Service {
+        Service {
+            name: name.into(),
+            command: name.into(),
+            default_model: None,
+            models: Vec::new(),
+            settings: settings.into(),
+        }
+    }
+
+    /// A request with just a prompt.
+    pub fn request(prompt: &str) -> Request {
+        Request { prompt: prompt.into(), files: Vec::new(), model: None, options: Vec::new() }
+    }
+
+    /// A recorded run of the real CLI from the plugin's fixtures/ folder:
+    /// `recorded!("429")` reads fixtures/429.stdout, .stderr and .code.
+    #[macro_export]
+    macro_rules! recorded {
+        ($case:literal) => {
+            $crate::Output {
+                status: $crate::ExitStatus::Code(
+                    include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/", $case, ".code")).trim().parse().unwrap(),
+                ),
+                stdout: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/", $case, ".stdout")).to_vec(),
+                stderr: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/", $case, ".stderr")).to_vec(),
+                duration_ms: 1000,
+                stdout_truncated: false,
+                stderr_truncated: false,
+            }
+        };
+    }
+
+    /// Checks a plugin's parser against its recorded runs: the answer and usage of `ok`, and
+    /// the failure kind of each error case.
+    pub fn check_recorded<P: Guest>(name: &str, runs: &[(&str, Output, Option<FailureKind>)]) {
+        let service = service(name, "{}");
+        for (case, output, expected) in runs {
+            let parsed = P::parse_output(service.clone(), request("hi"), output.clone());
+            match (expected, parsed) {
+                (None, Ok(response)) => {
+                    assert_eq!(response.text, "MOCK_ANSWER: hello from the mock server.", "{case}");
+                    let usage = response.usage.expect("usage");
+                    assert_eq!((usage.input, usage.output, usage.total), (Some(123), Some(45), Some(168)), "{case}");
+                }
+                (Some(kind), Err(failure)) => {
+                    assert_eq!(failure.kind, *kind, "{case}: {}", failure.message);
+                    assert!(failure.message.starts_with(&format!("{name}: ")), "{case}: {}", failure.message);
+                }
+                (expected, got) => panic!("{case}: expected {expected:?}, got {got:?}"),
+            }
+        }
+    }
+}
