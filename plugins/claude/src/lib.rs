@@ -27,10 +27,7 @@ impl Guest for Claude {
     }
 
     fn build_command(service: Service, request: Request) -> Result<Command, Failure> {
-        let mut prompt = request.prompt.clone();
-        for file in &request.files {
-            prompt.push_str(&format!(" @{}", file.path));
-        }
+        let prompt = prompt_with_at_files(&request);
         let mut args = vec!["--print".into(), "--output-format".into(), "json".into()];
         if let Some(model) = model(&service, &request) {
             args.extend(["--model".into(), model]);
@@ -89,7 +86,7 @@ impl Guest for Claude {
     }
 
     fn health_command(_service: Service) -> Option<Command> {
-        Some(Command { args: vec!["--version".into()], env: Vec::new(), stdin: None })
+        version_check()
     }
 }
 

@@ -27,10 +27,7 @@ impl Guest for Gemini {
 
     fn build_command(service: Service, request: Request) -> Result<Command, Failure> {
         // Files are named in the prompt as @path; the CLI reads them itself.
-        let mut prompt = request.prompt.clone();
-        for file in &request.files {
-            prompt.push_str(&format!(" @{}", file.path));
-        }
+        let prompt = prompt_with_at_files(&request);
         // `--prompt=` keeps a prompt that starts with a dash from being read as an option.
         let mut args = vec![format!("--prompt={prompt}"), "--output-format".into(), "json".into()];
         if let Some(model) = model(&service, &request) {
@@ -60,7 +57,7 @@ impl Guest for Gemini {
     }
 
     fn health_command(_service: Service) -> Option<Command> {
-        Some(Command { args: vec!["--version".into()], env: Vec::new(), stdin: None })
+        version_check()
     }
 }
 

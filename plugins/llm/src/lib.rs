@@ -79,7 +79,7 @@ impl Guest for Llm {
     }
 
     fn health_command(_service: Service) -> Option<Command> {
-        Some(Command { args: vec!["--version".into()], env: Vec::new(), stdin: None })
+        version_check()
     }
 }
 

@@ -27,10 +27,7 @@ impl Guest for Qwen {
     }
 
     fn build_command(service: Service, request: Request) -> Result<Command, Failure> {
-        let mut prompt = request.prompt.clone();
-        for file in &request.files {
-            prompt.push_str(&format!(" @{}", file.path));
-        }
+        let prompt = prompt_with_at_files(&request);
         let auth = setting_str(&service, "auth_type").unwrap_or_else(|| "openai".into());
         // `--prompt=` keeps a prompt that starts with a dash from being read as an option.
         let mut args = vec![format!("--prompt={prompt}"), "--output-format".into(), "json".into(), "--auth-type".into(), auth];
@@ -95,7 +92,7 @@ impl Guest for Qwen {
     }
 
     fn health_command(_service: Service) -> Option<Command> {
-        Some(Command { args: vec!["--version".into()], env: Vec::new(), stdin: None })
+        version_check()
     }
 }
 

@@ -159,6 +159,20 @@ pub fn one_line(text: &str) -> String {
     }
 }
 
+/// The prompt with each file named as ` @/path`, the way gemini, qwen and claude take files.
+pub fn prompt_with_at_files(request: &Request) -> String {
+    let mut prompt = request.prompt.clone();
+    for file in &request.files {
+        prompt.push_str(&format!(" @{}", file.path));
+    }
+    prompt
+}
+
+/// The health check every CLI supports: `--version` (no model call, no cost).
+pub fn version_check() -> Option<Command> {
+    Some(Command { args: vec!["--version".into()], env: Vec::new(), stdin: None })
+}
+
 /// The exit code, or `None` for a signal.
 pub fn exit_code(output: &Output) -> Option<i32> {
     match output.status {
@@ -230,6 +244,58 @@ pub mod testing {
                 duration_ms: 1000,
                 stdout_truncated: false,
                 stderr_truncated: false,
+            }
+        };
+    }
+
+    /// The tests every CLI plugin passes: its recorded runs parse to the right answers and
+    /// failure kinds, a prompt that looks like an option stays one argument, the model is the
+    /// requested one else the default, unknown settings are reported.
+    /// `plugin_tests!(Gemini, "gemini");` in the plugin's test module.
+    #[macro_export]
+    macro_rules! plugin_tests {
+        ($plugin:ty, $name:literal) => {
+            use $crate::testing::{check_recorded, request, service};
+            use $crate::{FailureKind, Guest, recorded};
+
+            #[test]
+            fn recorded_runs_parse_to_answers_and_classified_failures() {
+                check_recorded::<$plugin>(
+                    $name,
+                    &[
+                        ("ok", recorded!("ok"), None),
+                        ("429", recorded!("429"), Some(FailureKind::RateLimited)),
+                        ("401", recorded!("401"), Some(FailureKind::Auth)),
+                        ("500", recorded!("500"), Some(FailureKind::Transient)),
+                        ("down", recorded!("down"), Some(FailureKind::Transient)),
+                    ],
+                );
+            }
+
+            #[test]
+            fn a_prompt_that_looks_like_an_option_stays_one_argument() {
+                let prompt = "--help me\nwith \"this\" $(and that)";
+                let command = <$plugin>::build_command(service($name, "{}"), request(prompt)).unwrap();
+                assert_eq!(command.args.iter().filter(|a| a.contains("$(and that)")).count(), 1, "{:?}", command.args);
+                assert!(!command.args.iter().any(|a| a == "--help" || a == "--help me"), "{:?}", command.args);
+            }
+
+            #[test]
+            fn the_model_is_the_requested_one_else_the_default() {
+                let mut svc = service($name, "{}");
+                svc.default_model = Some("default-m".into());
+                let args = <$plugin>::build_command(svc.clone(), request("hi")).unwrap().args;
+                assert!(args.iter().any(|a| a == "default-m"), "{args:?}");
+                let mut req = request("hi");
+                req.model = Some("asked-m".into());
+                let args = <$plugin>::build_command(svc, req).unwrap().args;
+                assert!(args.iter().any(|a| a == "asked-m") && !args.iter().any(|a| a == "default-m"), "{args:?}");
+            }
+
+            #[test]
+            fn unknown_settings_are_reported() {
+                let err = <$plugin>::validate(service($name, r#"{"extra_argz": []}"#)).unwrap_err();
+                assert!(err.contains("extra_argz"), "{err}");
             }
         };
     }
