@@ -7,23 +7,14 @@
 
 mod settings;
 
-use settings::{Piece, Settings, StdinMode, Token};
-
-wit_bindgen::generate!({
-    path: "../../wit",
-    world: "service-plugin",
-});
-
-use exechost::service::types::{
-    Command, ExitStatus, Failure, FailureKind, Output, PluginInfo, Request, Response, Service,
+use exechost_plugin_sdk::{
+    Command, ExitStatus, Failure, FailureKind, Guest, Output, PluginInfo, Request, Response, Service, export, one_line,
+    retry_after_ms,
 };
-use exports::exechost::service::plugin::Guest;
+use settings::{Piece, Settings, StdinMode, Token};
 
 /// Linux refuses a single argument longer than this (MAX_ARG_STRLEN minus the NUL).
 const MAX_ARG_BYTES: usize = 128 * 1024 - 1;
-
-/// How much of stderr/stdout a failure message quotes.
-const MESSAGE_EXCERPT: usize = 400;
 
 struct Template;
 
@@ -62,7 +53,7 @@ impl Guest for Template {
     }
 }
 
-export!(Template);
+export!(Template with_types_in exechost_plugin_sdk);
 
 /// The service's settings; a mistake in them is the plugin's failure to run the service.
 fn settings_of(service: &Service) -> Result<Settings, Failure> {
@@ -176,38 +167,13 @@ fn parse(service: &Service, request: &Request, output: &Output) -> Result<Respon
         ExitStatus::Code(code) => format!("exited with code {code}"),
         ExitStatus::Signal(signal) => format!("was killed by signal {signal}"),
     };
-    let detail = excerpt(if stderr.trim().is_empty() { &stdout } else { &stderr });
+    let detail = one_line(if stderr.trim().is_empty() { &stdout } else { &stderr });
     let mut message = format!("service {}: `{}` {how}", service.name, service.command);
     if !detail.is_empty() {
         message.push_str(": ");
         message.push_str(&detail);
     }
     Err(Failure { kind, message, retry_after_ms: retry_after_ms(&haystack) })
-}
-
-/// The last meaningful part of a program's output, on one line, for a failure message.
-fn excerpt(text: &str) -> String {
-    let joined = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if joined.chars().count() <= MESSAGE_EXCERPT {
-        return joined;
-    }
-    let skip = joined.chars().count() - MESSAGE_EXCERPT;
-    format!("...{}", joined.chars().skip(skip).collect::<String>())
-}
-
-/// Finds "retry after N" / "retry-after: N" (seconds, optionally with "ms" or "s") in
-/// lower-cased output.
-fn retry_after_ms(haystack: &str) -> Option<u64> {
-    for marker in ["retry-after:", "retry after", "retry-after", "retry in"] {
-        let Some(at) = haystack.find(marker) else { continue };
-        let rest = haystack[at + marker.len()..].trim_start();
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit() || *c == '.').collect();
-        let Ok(value) = digits.parse::<f64>() else { continue };
-        let unit = rest[digits.len()..].trim_start();
-        let ms = if unit.starts_with("ms") { value } else { value * 1000.0 };
-        return Some(ms.round() as u64);
-    }
-    None
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Specifications of the template plugin's argument building and failure classification.
 
 use super::*;
-use crate::exechost::service::types::File;
+use exechost_plugin_sdk::File;
 
 fn service(settings: &str) -> Service {
     Service {
