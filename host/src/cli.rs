@@ -455,11 +455,10 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
     if outcome.truncated {
         eprintln!("host: warning: service {}: output was longer than max_output and was truncated", outcome.service);
     }
-    if !json {
-        if let Some(error) = &outcome.error {
+    if !json
+        && let Some(error) = &outcome.error {
             eprintln!("host: {} failed ({}): {}", outcome.service, error.kind.as_str(), error.message);
         }
-    }
     Ok(())
 }
 

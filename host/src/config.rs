@@ -262,16 +262,15 @@ impl Config {
             if svc.command.get_ref().trim().is_empty() || svc.command.get_ref().contains('\0') {
                 return Err(here(svc.command.span(), &name, "`command` must name a program".into()));
             }
-            if let Some(model) = &svc.default_model {
-                if !svc.models.is_empty() && !svc.models.contains(model.get_ref()) {
+            if let Some(model) = &svc.default_model
+                && !svc.models.is_empty() && !svc.models.contains(model.get_ref()) {
                     return Err(here(
                         model.span(),
                         &name,
                         format!("default_model `{}` is not one of `models` ({})", model.get_ref(), svc.models.join(", ")),
                     ));
                 }
-            }
-            for (key, _) in &svc.env {
+            for key in svc.env.keys() {
                 if !valid_env_name(key.get_ref()) {
                     return Err(here(key.span(), &name, format!("`{}` is not a valid environment variable name", key.get_ref())));
                 }
@@ -582,7 +581,7 @@ impl<'de> Deserialize<'de> for Secs {
             Raw::Float(f) => f,
             Raw::Text(text) => parse_duration(&text).map_err(de::Error::custom)?.as_secs_f64(),
         };
-        if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+        if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
             return Err(de::Error::custom(format!("invalid duration {seconds}: use a number of seconds or a string like \"90s\"")));
         }
         Ok(Secs(Duration::from_secs_f64(seconds)))

@@ -61,7 +61,7 @@ impl Guest for Codex {
             _ => None,
         };
         let of_type = |t: &'static str| events.iter().filter(move |e| e.get("type").and_then(Value::as_str) == Some(t));
-        if let Some(failed) = of_type("turn.failed").last() {
+        if let Some(failed) = of_type("turn.failed").next_back() {
             let message = failed.pointer("/error/message").and_then(Value::as_str).unwrap_or("the turn failed");
             return Err(classified(&service, message, status_in(message), hint));
         }
@@ -69,14 +69,14 @@ impl Guest for Codex {
             .filter_map(|e| e.get("item"))
             .filter(|i| i.get("type").and_then(Value::as_str) == Some("agent_message"))
             .filter_map(|i| i.get("text").and_then(Value::as_str))
-            .last();
+            .next_back();
         let (Some(answer), Some(0)) = (answer, exit_code(&output)) else {
-            let said = of_type("error").filter_map(|e| e.get("message").and_then(Value::as_str)).last().map(str::to_string);
+            let said = of_type("error").filter_map(|e| e.get("message").and_then(Value::as_str)).next_back().map(str::to_string);
             let said = said.unwrap_or_else(|| text(&output.stderr).lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string());
             let message = format!("`{}` {}: {said}", service.command, how_it_ended(&output));
             return Err(classified(&service, &message, status_in(&said), hint));
         };
-        let usage = of_type("turn.completed").filter_map(|e| e.get("usage")).last().map(|u| {
+        let usage = of_type("turn.completed").filter_map(|e| e.get("usage")).next_back().map(|u| {
             let (input, output) = (u64_at(u, &["input_tokens"]), u64_at(u, &["output_tokens"]));
             Usage {
                 input,

@@ -46,13 +46,11 @@ impl Guest for Gemini {
 
     fn parse_output(service: Service, request: Request, output: Output) -> Result<Response, Failure> {
         let stdout = text(&output.stdout);
-        if exit_code(&output) == Some(0) {
-            if let Some(json) = embedded_json(&stdout) {
-                if let Some(answer) = json.get("response").and_then(Value::as_str) {
+        if exit_code(&output) == Some(0)
+            && let Some(json) = embedded_json(&stdout)
+                && let Some(answer) = json.get("response").and_then(Value::as_str) {
                     return Ok(response(&json, answer, model(&service, &request)));
                 }
-            }
-        }
         Err(failed(&service, &output))
     }
 
@@ -79,9 +77,7 @@ fn error_json(stderr: &str) -> Option<Value> {
     stderr
         .match_indices('{')
         .filter(|(i, _)| *i == 0 || stderr.as_bytes()[i - 1] == b'\n')
-        .filter_map(|(i, _)| embedded_json(&stderr[i..]))
-        .filter(|v| v.get("error").is_some())
-        .last()
+        .filter_map(|(i, _)| embedded_json(&stderr[i..])).rfind(|v| v.get("error").is_some())
 }
 
 fn failed(service: &Service, output: &Output) -> Failure {

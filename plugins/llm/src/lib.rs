@@ -47,8 +47,8 @@ impl Guest for Llm {
             Value::Array(rows) => rows.into_iter().next(),
             _ => None,
         });
-        if let (Some(row), Some(0)) = (row, exit_code(&output)) {
-            if let Some(answer) = row.get("response").and_then(Value::as_str) {
+        if let (Some(row), Some(0)) = (row, exit_code(&output))
+            && let Some(answer) = row.get("response").and_then(Value::as_str) {
                 let (input, output) = (u64_at(&row, &["input_tokens"]), u64_at(&row, &["output_tokens"]));
                 let model_name = row
                     .get("resolved_model")
@@ -63,7 +63,6 @@ impl Guest for Llm {
                     cost_usd: None,
                 });
             }
-        }
         let stderr = text(&output.stderr);
         let line = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
         // "Error: Error code: 429 - Rate limit reached ..."

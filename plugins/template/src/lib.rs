@@ -97,11 +97,10 @@ fn build(service: &Service, settings: &Settings, request: &Request) -> Result<Co
                         ));
                     }
                     // Drop the model token, and the flag before it when it is the model flag.
-                    if let (Some(flag), Some(last)) = (&settings.model_flag, args.last()) {
-                        if last == flag {
+                    if let (Some(flag), Some(last)) = (&settings.model_flag, args.last())
+                        && last == flag {
                             args.pop();
                         }
-                    }
                     continue;
                 }
                 args.push(render(pieces, &request.prompt, model.as_deref(), None));
@@ -125,10 +124,7 @@ fn build(service: &Service, settings: &Settings, request: &Request) -> Result<Co
             ),
         ));
     }
-    let stdin = match settings.stdin {
-        Some(StdinMode::Prompt) => Some(request.prompt.as_bytes().to_vec()),
-        None => None,
-    };
+    let stdin = settings.stdin.map(|StdinMode::Prompt| request.prompt.as_bytes().to_vec());
     Ok(Command { args, env: Vec::new(), stdin })
 }
 
