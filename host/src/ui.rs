@@ -90,6 +90,7 @@ impl BatchBar {
             None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
                 .with_style(ProgressStyle::with_template("{spinner} {pos} done, {msg}").unwrap_or_else(|_| ProgressStyle::default_spinner())),
         };
+        bar.set_message("0 failed, 0 running");
         bar.enable_steady_tick(Duration::from_millis(200));
         Some(BatchBar { bar })
     }

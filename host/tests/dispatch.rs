@@ -245,3 +245,42 @@ fn batch_removes_a_last_result_line_cut_short() {
     let ids: Vec<i64> = lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [1, 2]);
 }
+
+/// Runs `host` with a terminal (a pseudo-terminal from `script`) as its stdin, stdout and stderr.
+fn on_a_terminal(sandbox: &Sandbox, args: &str) -> String {
+    let host = format!(
+        "{} --config {} --state {} {args}",
+        env!("CARGO_BIN_EXE_host"),
+        sandbox.path("services.toml").display(),
+        sandbox.path("state.db").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &host, "/dev/null"])
+        .env("XDG_CACHE_HOME", &sandbox.cache)
+        .current_dir(sandbox.dir.path())
+        .output()
+        .expect("running script(1) for a pseudo-terminal");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn fan_out_shows_a_live_status_line_per_service_on_a_terminal_only() {
+    let sandbox = Sandbox::new(BATCH);
+    let screen = on_a_terminal(&sandbox, "run echo,slow hi");
+    for seen in ["echo", "slow", "waiting", "running", "done", "=== slow ("] {
+        assert!(screen.contains(seen), "{seen:?} not on the terminal: {screen}");
+    }
+    let piped = sandbox.run(&["run", "echo,slow", "hi"]);
+    assert!(!piped.stderr.contains("waiting") && !piped.stderr.contains("running"), "{}", piped.stderr);
+}
+
+#[test]
+fn batch_shows_a_progress_bar_on_a_terminal_only() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "slow", "prompt": "a"}"#.into(), r#"{"id": 2, "service": "echo", "prompt": "b"}"#.into()]);
+    let screen = on_a_terminal(&sandbox, &format!("batch {jobs} -o {}", sandbox.path("results.jsonl").display()));
+    assert!(screen.contains("2/2 done, 0 failed, 0 running"), "{screen}");
+    assert!(screen.contains("ETA"), "{screen}");
+    let piped = sandbox.run(&["batch", &jobs]);
+    assert!(!piped.stderr.contains("done,"), "{}", piped.stderr);
+}
