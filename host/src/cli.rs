@@ -541,9 +541,9 @@ fn check(config: &Config, json: bool) -> Result<ExitCode> {
             match Service::load(&runtime, s).and_then(|svc| Ok((svc.validate()?, svc))) {
                 Ok((Ok(()), svc)) => {
                     row.ok = true;
-                    row.plugin_name = Some(svc.info.name);
-                    row.plugin_version = Some(svc.info.version);
-                    row.description = Some(svc.info.description);
+                    row.plugin_name = Some(svc.info.name.clone());
+                    row.plugin_version = Some(svc.info.version.clone());
+                    row.description = Some(svc.info.description.clone());
                 }
                 Ok((Err(why), _)) => row.error = Some(format!("service {}: {why}", s.name)),
                 Err(e) => row.error = Some(format!("{e:#}")),

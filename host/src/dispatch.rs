@@ -179,7 +179,7 @@ struct Admitted {
 /// changes (a half-open probe), this is one write transaction that also enters the attempt
 /// in the ledger as running, so concurrent processes count it at once. Otherwise a read
 /// suffices and the attempt is entered when it finishes.
-async fn admit(ctx: &Context, config: &ServiceConfig, request: &Request) -> Result<Result<Admitted, Refusal>> {
+async fn admit(ctx: &Context, config: &Arc<ServiceConfig>, request: &Request) -> Result<Result<Admitted, Refusal>> {
     let (state, now) = (ctx.state.clone(), ctx.clock.now());
     let (config, model) = (config.clone(), request.model.clone().or_else(|| config.default_model.clone()));
     blocking(move || {
@@ -259,7 +259,7 @@ fn ledger_row(config: &ServiceConfig, request: &Request, outcome: &Outcome, star
 /// `entry` is the ledger row admission entered (if it did) and when the attempt started.
 async fn record(
     ctx: &Context,
-    config: &ServiceConfig,
+    config: &Arc<ServiceConfig>,
     request: &Request,
     entry: (Option<i64>, Millis),
     probe: bool,

@@ -60,8 +60,8 @@ pub fn check_files(files: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
 /// A configured service with its plugin loaded.
 #[derive(Clone)]
 pub struct Service {
-    pub config: ServiceConfig,
-    pub info: wit::PluginInfo,
+    pub config: Arc<ServiceConfig>,
+    pub info: Arc<wit::PluginInfo>,
     plugin: Plugin,
     view: Arc<wit::Service>,
 }
@@ -81,7 +81,7 @@ impl Service {
             models: config.models.clone(),
             settings: config.settings.clone(),
         });
-        Ok(Service { config: config.clone(), info, plugin, view })
+        Ok(Service { config: Arc::new(config.clone()), info: Arc::new(info), plugin, view })
     }
 
     /// Loads the service, or gives the failed outcome that says why it cannot run.

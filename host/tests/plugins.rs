@@ -149,7 +149,7 @@ fn a_missing_plugin_file_is_a_configuration_error_with_its_position() {
 
 #[test]
 fn the_second_run_loads_the_compiled_plugin_from_the_cache() {
-    let sandbox = Sandbox::with_own_cache("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let sandbox = Sandbox::with_own_cache(common::ECHO);
     assert_eq!(sandbox.run(&["run", "echo", "one"]).code, 0);
     let cached: Vec<_> = std::fs::read_dir(sandbox.cache.join("exechost/plugins")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(cached.len(), 1, "{cached:?}");
@@ -161,7 +161,7 @@ fn the_second_run_loads_the_compiled_plugin_from_the_cache() {
 
 #[test]
 fn a_corrupt_cache_entry_is_recompiled() {
-    let sandbox = Sandbox::with_own_cache("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let sandbox = Sandbox::with_own_cache(common::ECHO);
     assert_eq!(sandbox.run(&["run", "echo", "one"]).code, 0);
     let entry = std::fs::read_dir(sandbox.cache.join("exechost/plugins")).unwrap().next().unwrap().unwrap().path();
     std::fs::write(&entry, b"garbage").unwrap();

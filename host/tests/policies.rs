@@ -43,6 +43,16 @@ fn rate_limited_twice_then_success_takes_three_attempts_with_the_configured_wait
 }
 
 #[test]
+fn verbose_runs_log_each_retry_with_its_wait_and_reason() {
+    let sandbox = flaky(1, None, "max_attempts = 2, base_delay = \"100ms\", jitter = false");
+    let run = sandbox.run(&["-v", "run", "flaky", "answer"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("attempt 1 failed (rate-limited): retrying in 100ms"), "{}", run.stderr);
+    let quiet = flaky(1, None, "max_attempts = 2, base_delay = \"100ms\"").run(&["run", "flaky", "answer"]);
+    assert!(!quiet.stderr.contains("retrying"), "{}", quiet.stderr);
+}
+
+#[test]
 fn an_auth_failure_is_not_retried() {
     let sandbox = Sandbox::new(
         r#"
@@ -162,7 +172,7 @@ quota = { rpm = 3 }
 
 #[test]
 fn eight_processes_times_fifty_runs_leave_exact_ledger_counts() {
-    let sandbox = Sandbox::new("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let sandbox = Sandbox::new(common::ECHO);
     let failures: usize = thread::scope(|s| {
         let handles: Vec<_> = (0..8)
             .map(|_| s.spawn(|| (0..50).filter(|_| sandbox.run(&["run", "echo", "hi"]).code != 0).count()))
@@ -210,7 +220,7 @@ settings = { args = ["fail", "1", "HTTP 503 {prompt}"] }
 
 #[test]
 fn a_corrupt_state_file_is_a_usage_error_naming_it() {
-    let sandbox = Sandbox::new("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let sandbox = Sandbox::new(common::ECHO);
     let path = sandbox.path("broken.db");
     std::fs::write(&path, vec![b'!'; 8192]).unwrap();
     let run = sandbox.run(&["--state", path.to_str().unwrap(), "run", "echo", "hi"]);
@@ -221,7 +231,7 @@ fn a_corrupt_state_file_is_a_usage_error_naming_it() {
 
 #[test]
 fn no_state_runs_without_touching_the_state_file() {
-    let sandbox = Sandbox::new("[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    let sandbox = Sandbox::new(common::ECHO);
     let run = sandbox.run(&["--no-state", "run", "echo", "hi"]);
     assert_eq!((run.code, run.stdout.as_str()), (0, "hi\n"));
     assert!(!sandbox.path("exechost/state.db").exists());

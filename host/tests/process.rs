@@ -74,16 +74,27 @@ settings = { args = ["idle", "{prompt}"] }
     assert_eq!(j["stdout"], "started\n", "output before the kill is kept");
 }
 
-#[test]
-fn sigint_to_host_stops_the_command_group_and_exits_130() {
+/// Sends `signal` to a `host run` whose command hangs; returns host's exit code once it has
+/// checked that neither the command nor its grandchild survived.
+fn interrupt_hanging_run(signal: i32) -> Option<i32> {
     let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
     let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
     // SAFETY: sending a signal to a process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
     assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
+    status.code()
+}
+
+#[test]
+fn sigint_to_host_stops_the_command_group_and_exits_130() {
+    assert_eq!(interrupt_hanging_run(libc::SIGINT), Some(130));
+}
+
+#[test]
+fn sigterm_to_host_stops_the_command_group_and_exits_143() {
+    assert_eq!(interrupt_hanging_run(libc::SIGTERM), Some(143));
 }
 
 /// Runs `host` and returns its exit code and peak resident memory in KiB (from wait4).

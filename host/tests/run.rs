@@ -89,13 +89,7 @@ fn the_prompt_dash_is_read_from_stdin() {
 
 #[test]
 fn human_output_is_the_answer_alone_on_stdout() {
-    let sandbox = Sandbox::new(
-        r#"
-[services.echo]
-plugin = "template"
-command = "echo"
-"#,
-    );
+    let sandbox = Sandbox::new(common::ECHO);
     let run = sandbox.run(&["run", "echo", "hello there"]);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout, "hello there\n");
@@ -103,13 +97,7 @@ command = "echo"
 
 #[test]
 fn json_output_has_every_field() {
-    let sandbox = Sandbox::new(
-        r#"
-[services.echo]
-plugin = "template"
-command = "echo"
-"#,
-    );
+    let sandbox = Sandbox::new(common::ECHO);
     let run = sandbox.run(&["run", "echo", "--json", "four char"]);
     assert_eq!(run.code, 0, "{run:?}");
     let j = run.json();

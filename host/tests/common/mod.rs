@@ -9,6 +9,9 @@ use serde_json::Value;
 
 pub mod mock;
 
+/// A configuration with one service, `echo`, that runs the real `echo`.
+pub const ECHO: &str = "[services.echo]\nplugin = \"template\"\ncommand = \"echo\"\n";
+
 /// A fake service CLI from tests/fixtures.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
