@@ -217,6 +217,9 @@ enum Item {
     Invalid(u64, String),
 }
 
+/// The most parsed lines handed from the reader thread at once.
+const READ_BATCH: usize = 64;
+
 /// Runs the batch: jobs from `input`, results to `output`. `done` holds the ids of results
 /// already written by an earlier run.
 pub async fn run(
@@ -230,25 +233,52 @@ pub async fn run(
     listener: Listener,
 ) -> Result<(Counts, End)> {
     let config_for_reader = config.clone();
-    let (item_tx, mut items) = tokio::sync::mpsc::channel::<Item>(options.jobs.max(1) * 4);
+    // Parsed lines travel in small batches: one hand-over between threads per batch, not per
+    // line. A batch is sent as soon as the input has nothing more buffered, so jobs fed
+    // slowly on stdin start at once.
+    let (item_tx, mut batches) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
     let cancel = ctx.cancel.clone();
+    let batch_len = options.jobs.clamp(1, READ_BATCH);
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
-        let mut number = 0u64;
-        for line in input.lines() {
-            number += 1;
-            let line = line.with_context(|| format!("reading line {number} of the jobs"))?;
-            if line.trim().is_empty() {
-                continue;
+        let mut input = input;
+        let (mut number, mut line, mut batch) = (0u64, String::new(), Vec::with_capacity(batch_len));
+        loop {
+            line.clear();
+            let n = input.read_line(&mut line).with_context(|| format!("reading line {} of the jobs", number + 1))?;
+            if n > 0 {
+                number += 1;
+                if !line.trim().is_empty() {
+                    batch.push(match parse_job(&config_for_reader, line.trim_end_matches(['\n', '\r'])) {
+                        Ok(job) => Item::Job(job),
+                        Err(message) => Item::Invalid(number, message),
+                    });
+                }
             }
-            let item = match parse_job(&config_for_reader, &line) {
-                Ok(job) => Item::Job(job),
-                Err(message) => Item::Invalid(number, message),
-            };
-            if item_tx.blocking_send(item).is_err() || cancel.is_cancelled() {
+            let more_buffered = n > 0 && input.fill_buf().map(|b| !b.is_empty()).unwrap_or(false);
+            if !batch.is_empty() && (batch.len() >= batch_len || !more_buffered) {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_len));
+                if item_tx.blocking_send(full).is_err() || cancel.is_cancelled() {
+                    break;
+                }
+            }
+            if n == 0 {
                 break;
             }
         }
         Ok(())
+    });
+    let mut pending = std::collections::VecDeque::new();
+    let mut items = futures::stream::poll_fn(move |cx| {
+        if let Some(item) = pending.pop_front() {
+            return std::task::Poll::Ready(Some(item));
+        }
+        match batches.poll_recv(cx) {
+            std::task::Poll::Ready(Some(batch)) => {
+                pending.extend(batch);
+                std::task::Poll::Ready(pending.pop_front())
+            }
+            other => other.map(|_| None),
+        }
     });
 
     let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
@@ -268,7 +298,7 @@ pub async fn run(
         let item = tokio::select! {
             biased;
             Some(()) = running.next(), if !running.is_empty() => continue,
-            item = items.recv() => item,
+            item = items.next() => item,
             _ = ctx.cancel.cancelled() => None,
         };
         let Some(item) = item else { break };

@@ -15,7 +15,6 @@ use crate::quota::{self, MINUTE_MS};
 use crate::retry;
 use crate::service::{Request, Service};
 use crate::state::{self, AttemptRow, BreakerRow, State};
-use crate::blocking;
 
 /// What a request is doing, for live displays.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,36 +174,43 @@ struct Admitted {
     probe: bool,
 }
 
+/// The breaker's decision on the stored row: admit or not, the row after it, and whether
+/// the row changed (a half-open probe taken).
+fn decide(config: &ServiceConfig, stored: Option<BreakerRow>, now: Millis) -> (Admit, BreakerRow, bool) {
+    let mut row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));
+    let admit = breaker::admit(&config.limits.breaker, &config.name, &mut row, now, probe_lease(config));
+    let changed = match &stored {
+        Some(stored) => *stored != row,
+        None => row != BreakerRow::closed(now),
+    };
+    (admit, row, changed)
+}
+
 /// The breaker decides and the quota is checked. With a quota, or when the breaker's state
 /// changes (a half-open probe), this is one write transaction that also enters the attempt
 /// in the ledger as running, so concurrent processes count it at once. Otherwise a read
 /// suffices and the attempt is entered when it finishes.
 async fn admit(ctx: &Context, config: &Arc<ServiceConfig>, request: &Request) -> Result<Result<Admitted, Refusal>> {
-    let (state, now) = (ctx.state.clone(), ctx.clock.now());
-    let (config, model) = (config.clone(), request.model.clone().or_else(|| config.default_model.clone()));
-    blocking(move || {
-        let name = config.name.as_str();
-        let limits = &config.limits;
-        let quota = &limits.quota;
-        let has_quota = quota.rpm.is_some() || quota.tpm.is_some() || quota.daily.is_some();
-        let decide = |stored: Option<BreakerRow>| {
-            let mut row = stored.clone().unwrap_or_else(|| BreakerRow::closed(now));
-            let admit = breaker::admit(&limits.breaker, name, &mut row, now, probe_lease(&config));
-            let changed = stored.as_ref().is_some_and(|s| *s != row) || (stored.is_none() && row != BreakerRow::closed(now));
-            (admit, row, changed)
-        };
-        if !has_quota {
-            let stored = state.read(|tx| state::load_breaker(tx, name))?;
-            match decide(stored) {
-                (Admit::Yes { probe }, _, false) => return Ok(Ok(Admitted { id: None, probe })),
-                (Admit::No { until, message }, _, false) => {
-                    return Ok(Err(Refusal { failure: Failure::new(FailureKind::CircuitOpen, message), until }));
-                }
-                _ => {} // The state changes: decide again under the write lock.
+    let now = ctx.clock.now();
+    let quota = &config.limits.quota;
+    let has_quota = quota.rpm.is_some() || quota.tpm.is_some() || quota.daily.is_some();
+    if !has_quota {
+        let name = config.name.clone();
+        let stored = ctx.state.read_soon(move |tx| state::load_breaker(tx, &name)).await?;
+        match decide(config, stored, now) {
+            (Admit::Yes { probe }, _, false) => return Ok(Ok(Admitted { id: None, probe })),
+            (Admit::No { until, message }, _, false) => {
+                return Ok(Err(Refusal { failure: Failure::new(FailureKind::CircuitOpen, message), until }));
             }
+            _ => {} // The state changes: decide again under the write lock.
         }
-        state.write(|tx| {
-            let (admit, row, changed) = decide(state::load_breaker(tx, name)?);
+    }
+    let (config, model) = (config.clone(), request.model.clone().or_else(|| config.default_model.clone()));
+    ctx.state
+        .write_soon(move |tx| {
+            let name = config.name.as_str();
+            let quota = &config.limits.quota;
+            let (admit, row, changed) = decide(&config, state::load_breaker(tx, name)?, now);
             let probe = match admit {
                 Admit::Yes { probe } => probe,
                 Admit::No { until, message } => {
@@ -225,7 +231,7 @@ async fn admit(ctx: &Context, config: &Arc<ServiceConfig>, request: &Request) ->
             }
             let running = AttemptRow {
                 service: name.to_string(),
-                model,
+                model: model.clone(),
                 started_ms: now,
                 outcome: state::RUNNING.into(),
                 spawned: true,
@@ -233,8 +239,7 @@ async fn admit(ctx: &Context, config: &Arc<ServiceConfig>, request: &Request) ->
             };
             Ok(Ok(Admitted { id: Some(state::insert_attempt(tx, &running)?), probe }))
         })
-    })
-    .await
+        .await
 }
 
 fn ledger_row(config: &ServiceConfig, request: &Request, outcome: &Outcome, started_ms: Millis, spawned: bool) -> AttemptRow {
@@ -265,11 +270,11 @@ async fn record(
     probe: bool,
     outcome: &Outcome,
 ) -> Result<()> {
-    let (state, now) = (ctx.state.clone(), ctx.clock.now());
+    let now = ctx.clock.now();
     let row = ledger_row(config, request, outcome, entry.1, true);
     let (config, failure) = (config.clone(), outcome.error.as_ref().map(|e| e.kind));
-    blocking(move || {
-        state.write(|tx| {
+    ctx.state
+        .write_soon(move |tx| {
             let name = config.name.as_str();
             match entry.0 {
                 Some(id) => state::finish_attempt(tx, id, &row)?,
@@ -293,16 +298,14 @@ async fn record(
             }
             Ok(())
         })
-    })
-    .await
+        .await
 }
 
 /// Enters a request refused without running (open circuit, exhausted quota) in the ledger.
 async fn record_refusal(ctx: &Context, config: &ServiceConfig, request: &Request, failure: &Failure) {
     let outcome = Outcome::failed(&config.name, failure.clone());
     let row = ledger_row(config, request, &outcome, ctx.clock.now(), false);
-    let state = ctx.state.clone();
-    if let Err(e) = blocking(move || state.write(|tx| state::insert_attempt(tx, &row))).await {
+    if let Err(e) = ctx.state.write_soon(move |tx| state::insert_attempt(tx, &row)).await {
         tracing::warn!("service {}: the refusal could not be recorded: {e:#}", config.name);
     }
 }

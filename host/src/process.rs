@@ -242,6 +242,9 @@ fn to_status(status: io::Result<std::process::ExitStatus>) -> Status {
     }
 }
 
+/// The most bytes read from a pipe at once.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Reads a stream to its end (or until `give_up` completes), keeping at most `cap` bytes and
 /// draining the rest.
 async fn capture<R: AsyncRead + Unpin>(
@@ -254,17 +257,29 @@ async fn capture<R: AsyncRead + Unpin>(
     let Some(mut stream) = stream else { return (Vec::new(), false) };
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     let (mut kept, mut truncated) = (Vec::new(), false);
-    let mut chunk = vec![0u8; 64 * 1024];
+    // Output is read straight into what is kept (no buffer is allocated for a silent
+    // process); past the cap, it is read into `spill` and thrown away.
+    let mut spill = Vec::new();
     tokio::pin!(give_up);
     loop {
+        let room = cap - kept.len();
+        let into = if room > 0 {
+            // Start small and grow with the output, up to a chunk at a time.
+            kept.reserve(room.min(READ_CHUNK).min(kept.len().max(4096)));
+            &mut kept
+        } else {
+            spill.clear();
+            spill.reserve(READ_CHUNK);
+            &mut spill
+        };
+        let limit = if room > 0 { room.min(into.capacity() - into.len()) } else { READ_CHUNK };
+        let mut limited = (&mut stream).take(limit as u64);
         tokio::select! {
-            read = stream.read(&mut chunk) => match read {
+            read = limited.read_buf(into) => match read {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
+                Ok(_) => {
                     activity.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    let room = cap.saturating_sub(kept.len());
-                    kept.extend_from_slice(&chunk[..n.min(room)]);
-                    truncated |= n > room;
+                    truncated |= room == 0;
                 }
             },
             _ = &mut give_up => break,

@@ -12,7 +12,6 @@ use crate::config::ServiceConfig;
 pub use crate::outcome::{Failure, FailureKind, Outcome, Tokens};
 use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
 use crate::process::{self, SpawnError, Status, Stopped};
-use crate::blocking;
 
 impl From<wit::FailureKind> for FailureKind {
     fn from(kind: wit::FailureKind) -> Self {
@@ -124,9 +123,8 @@ impl Service {
     /// Runs the plugin's health command, if it has one, within `timeout`.
     /// `Ok(None)`: the plugin has no health check.
     pub async fn health(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Option<process::Finished>, String> {
-        let plugin = self.plugin.clone();
         let view = self.view.clone();
-        let command = blocking(move || plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
+        let command = self.plugin.run(move |plugin| plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
         let Some(command) = command else { return Ok(None) };
         let mut spec = self.spec(command, timeout)?;
         spec.kill_grace = spec.kill_grace.min(Duration::from_millis(500));
@@ -145,8 +143,8 @@ impl Service {
             Err(message) => return self.fail(FailureKind::InvalidRequest, format!("service {name}: {message}")),
         };
         let built = {
-            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
-            blocking(move || plugin.build_command(&view, &req)).await
+            let (view, req) = (self.view.clone(), wit_request.clone());
+            self.plugin.run(move |plugin| plugin.build_command(&view, &req)).await
         };
         let command = match built {
             Ok(Ok(command)) => command,
@@ -222,8 +220,8 @@ impl Service {
             stderr_truncated: finished.stderr_truncated,
         };
         let parsed = {
-            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
-            blocking(move || plugin.parse_output(&view, &req, &output)).await
+            let (view, req) = (self.view.clone(), wit_request.clone());
+            self.plugin.run(move |plugin| plugin.parse_output(&view, &req, &output)).await
         };
         match parsed {
             Ok(Ok(response)) => {

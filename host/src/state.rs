@@ -3,11 +3,12 @@
 //! write lock up front, so concurrent processes queue instead of failing.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 
 use crate::clock::Millis;
 
@@ -110,6 +111,10 @@ impl BreakerRow {
 pub struct State {
     conn: Mutex<Connection>,
     path: Option<PathBuf>,
+    /// Commits made through this store, to look at the WAL's length now and then.
+    commits: AtomicU64,
+    /// The WAL is long: the next write that may wait checkpoints it.
+    checkpoint_due: AtomicBool,
 }
 
 impl State {
@@ -128,7 +133,7 @@ impl State {
         // Checkpointing (with its fsync) is left to SQLite's automatic checkpoints instead of
         // every short-lived process's exit.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
-        let state = State { conn: Mutex::new(conn), path: Some(path.to_path_buf()) };
+        let state = State::new(conn, Some(path.to_path_buf()));
         state
             .prepare()
             .with_context(|| format!("state file {} cannot be used; {advice}", path.display()))?;
@@ -137,9 +142,13 @@ impl State {
 
     /// A store in memory: nothing is shared with other processes or kept after exit.
     pub fn in_memory() -> Result<Arc<State>> {
-        let state = State { conn: Mutex::new(Connection::open_in_memory()?), path: None };
+        let state = State::new(Connection::open_in_memory()?, None);
         state.prepare()?;
         Ok(Arc::new(state))
+    }
+
+    fn new(conn: Connection, path: Option<PathBuf>) -> State {
+        State { conn: Mutex::new(conn), path, commits: AtomicU64::new(0), checkpoint_due: AtomicBool::new(false) }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -163,15 +172,12 @@ impl State {
             }
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // Checkpoints are this store's to schedule (see `committed`), never a commit's side effect.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // Processes are short-lived and do not checkpoint on close (that would fsync at every
         // exit), but the next process to open the file replays what the WAL holds: whoever
         // finds it long checkpoints it.
-        let wal = self.path.as_ref().map(|p| {
-            let mut name = p.as_os_str().to_owned();
-            name.push("-wal");
-            PathBuf::from(name)
-        });
-        if wal.and_then(|w| std::fs::metadata(w).ok()).is_some_and(|m| m.len() > WAL_CHECKPOINT_BYTES) {
+        if self.wal_len() > WAL_CHECKPOINT_BYTES {
             // Only an optimisation: busy with other processes, it is left for the next one.
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::debug!("state checkpoint skipped: {e}");
@@ -196,30 +202,152 @@ impl State {
     }
 
     /// Runs `f` in a write transaction (the write lock is taken at its start) and commits.
-    pub fn write<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let value = f(&tx)?;
-        tx.commit()?;
+    /// Waits (up to the busy timeout) for another process's write transaction to end.
+    pub fn write<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let value = transaction(&conn, "BEGIN IMMEDIATE", f)?;
+        self.committed(&conn, true);
         Ok(value)
     }
 
     /// Runs `f` in a read transaction: a consistent snapshot.
-    pub fn read<T>(&self, f: impl FnOnce(&Transaction) -> rusqlite::Result<T>) -> Result<T> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let value = f(&tx)?;
-        tx.commit()?;
-        Ok(value)
+    pub fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(transaction(&conn, "BEGIN DEFERRED", f)?)
+    }
+
+    /// Like [`State::write`], but never waits: `Ok(None)` when the connection is in use by
+    /// another thread, another process holds the write lock, or a checkpoint is due (which
+    /// may wait on the disk). The caller then uses [`State::write`] off the async threads.
+    /// `f` has not taken effect when this gives `Ok(None)`.
+    pub fn try_write<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<Option<T>> {
+        if self.checkpoint_due.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let Some(conn) = self.try_lock() else { return Ok(None) };
+        conn.busy_timeout(Duration::ZERO)?;
+        let result = transaction(&conn, "BEGIN IMMEDIATE", f);
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        match result {
+            Err(e) if is_busy(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+            Ok(value) => {
+                self.committed(&conn, false);
+                Ok(Some(value))
+            }
+        }
+    }
+
+    /// Like [`State::read`], but never waits: `Ok(None)` when it would have to.
+    pub fn try_read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<Option<T>> {
+        let Some(conn) = self.try_lock() else { return Ok(None) };
+        conn.busy_timeout(Duration::ZERO)?;
+        let result = transaction(&conn, "BEGIN DEFERRED", f);
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        match result {
+            Err(e) if is_busy(&e) => Ok(None),
+            other => Ok(Some(other?)),
+        }
+    }
+
+    /// Runs a write transaction on the calling (async) thread when that needs no waiting,
+    /// and on a worker thread otherwise.
+    pub async fn write_soon<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if let Some(value) = self.try_write(&f)? {
+            return Ok(value);
+        }
+        let state = self.clone();
+        crate::blocking(move || state.write(f)).await
+    }
+
+    /// Runs a read transaction on the calling (async) thread when that needs no waiting, and
+    /// on a worker thread otherwise.
+    pub async fn read_soon<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T> {
+        if let Some(value) = self.try_read(&f)? {
+            return Ok(value);
+        }
+        let state = self.clone();
+        crate::blocking(move || state.read(f)).await
+    }
+
+    fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
+        match self.conn.try_lock() {
+            Ok(conn) => Some(conn),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Counts commits; every so often, checkpoints a WAL that has grown long (a long batch
+    /// would otherwise grow it without end: the automatic checkpoint is off, as it would
+    /// wait on the disk in whichever commit happened to trigger it).
+    fn committed(&self, conn: &Connection, may_wait: bool) {
+        let commits = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        let due = self.checkpoint_due.load(Ordering::Relaxed);
+        if !due && commits % CHECKPOINT_CHECK_EVERY != 0 {
+            return;
+        }
+        if !due && self.wal_len() <= WAL_CHECKPOINT_BYTES {
+            return;
+        }
+        if !may_wait {
+            // Not here: the next write that may wait does it.
+            self.checkpoint_due.store(true, Ordering::Relaxed);
+            return;
+        }
+        self.checkpoint_due.store(false, Ordering::Relaxed);
+        // Truncating needs a moment with no reader; if other processes are reading, what
+        // could be copied is, and the file shrinks at a later look.
+        let _ = conn.busy_timeout(Duration::ZERO);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+            tracing::debug!("state checkpoint incomplete: {e}");
+        }
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    }
+
+    /// The WAL file's length (0 in memory or when there is none).
+    fn wal_len(&self) -> u64 {
+        let Some(path) = &self.path else { return 0 };
+        let mut name = path.as_os_str().to_owned();
+        name.push("-wal");
+        std::fs::metadata(PathBuf::from(name)).map_or(0, |m| m.len())
     }
 }
 
+/// How many commits pass between looks at the WAL's length.
+const CHECKPOINT_CHECK_EVERY: u64 = 128;
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+}
+
+/// Runs `f` between `begin` and a commit (a rollback when it fails), with cached statements.
+fn transaction<T>(conn: &Connection, begin: &str, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    if !conn.is_autocommit() {
+        // A transaction left open by a panic while the connection was held.
+        conn.execute_batch("ROLLBACK")?;
+    }
+    conn.prepare_cached(begin)?.execute([])?;
+    let result = f(conn).and_then(|value| conn.prepare_cached("COMMIT")?.execute([]).map(|_| value));
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
+}
+
 /// Adds an attempt to the ledger; returns its id.
-pub fn insert_attempt(tx: &Transaction, row: &AttemptRow) -> rusqlite::Result<i64> {
-    tx.execute(
+pub fn insert_attempt(tx: &Connection, row: &AttemptRow) -> rusqlite::Result<i64> {
+    tx.prepare_cached(
         "INSERT INTO attempts (service, model, started_ms, duration_ms, exit_code, signal, tokens_in, tokens_out, tokens_total, estimated, outcome, spawned)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        params![
+    )?
+    .execute(params![
             row.service,
             row.model,
             row.started_ms,
@@ -232,23 +360,22 @@ pub fn insert_attempt(tx: &Transaction, row: &AttemptRow) -> rusqlite::Result<i6
             row.estimated,
             row.outcome,
             row.spawned
-        ],
-    )?;
+        ])?;
     Ok(tx.last_insert_rowid())
 }
 
 /// Completes an attempt recorded as running.
-pub fn finish_attempt(tx: &Transaction, id: i64, row: &AttemptRow) -> rusqlite::Result<()> {
-    tx.execute(
+pub fn finish_attempt(tx: &Connection, id: i64, row: &AttemptRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
         "UPDATE attempts SET model = COALESCE(?2, model), duration_ms = ?3, exit_code = ?4, signal = ?5, tokens_in = ?6, tokens_out = ?7,
          tokens_total = ?8, estimated = ?9, outcome = ?10 WHERE id = ?1",
-        params![id, row.model, row.duration_ms, row.exit_code, row.signal, row.tokens_in, row.tokens_out, row.tokens_total, row.estimated, row.outcome],
-    )?;
+    )?
+    .execute(params![id, row.model, row.duration_ms, row.exit_code, row.signal, row.tokens_in, row.tokens_out, row.tokens_total, row.estimated, row.outcome])?;
     Ok(())
 }
 
 /// Attempts of `service` that ran, started after `since`, oldest first: (start, total tokens).
-pub fn spawned_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<Vec<(Millis, i64)>> {
+pub fn spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<Vec<(Millis, i64)>> {
     let mut stmt = tx.prepare_cached(
         "SELECT started_ms, COALESCE(tokens_total, 0) FROM attempts
          WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 ORDER BY started_ms",
@@ -258,17 +385,14 @@ pub fn spawned_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite
 }
 
 /// How many attempts of `service` ran since `since`.
-pub fn count_spawned_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<u64> {
-    tx.query_row(
-        "SELECT COUNT(*) FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms >= ?2",
-        params![service, since],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n as u64)
+pub fn count_spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<u64> {
+    tx.prepare_cached("SELECT COUNT(*) FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms >= ?2")?
+        .query_row(params![service, since], |r| r.get::<_, i64>(0))
+        .map(|n| n as u64)
 }
 
 /// Finished attempts of `service` started after `since`: (calls, outcomes) for the failure-rate window.
-pub fn outcomes_since(tx: &Transaction, service: &str, since: Millis) -> rusqlite::Result<Vec<String>> {
+pub fn outcomes_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<Vec<String>> {
     let mut stmt = tx.prepare_cached(
         "SELECT outcome FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 AND outcome != 'running'",
     )?;
@@ -277,7 +401,7 @@ pub fn outcomes_since(tx: &Transaction, service: &str, since: Millis) -> rusqlit
 }
 
 /// Every ledger row started at or after `since`, oldest first.
-pub fn attempts_since(tx: &Transaction, since: Millis) -> rusqlite::Result<Vec<AttemptRow>> {
+pub fn attempts_since(tx: &Connection, since: Millis) -> rusqlite::Result<Vec<AttemptRow>> {
     let mut stmt = tx.prepare(
         "SELECT service, model, started_ms, duration_ms, exit_code, signal, tokens_in, tokens_out, tokens_total, estimated, outcome, spawned
          FROM attempts WHERE started_ms >= ?1 ORDER BY started_ms",
@@ -301,12 +425,12 @@ pub fn attempts_since(tx: &Transaction, since: Millis) -> rusqlite::Result<Vec<A
     rows.collect()
 }
 
-pub fn load_breaker(tx: &Transaction, service: &str) -> rusqlite::Result<Option<BreakerRow>> {
-    tx.query_row(
+pub fn load_breaker(tx: &Connection, service: &str) -> rusqlite::Result<Option<BreakerRow>> {
+    tx.prepare_cached(
         "SELECT phase, consecutive_failures, open_until_ms, closed_since_ms, probes, probe_expires_ms, last_failure, trip_reason
          FROM breakers WHERE service = ?1",
-        params![service],
-        |r| {
+    )?
+    .query_row(params![service], |r| {
             Ok(BreakerRow {
                 phase: r.get(0)?,
                 consecutive_failures: r.get(1)?,
@@ -317,18 +441,18 @@ pub fn load_breaker(tx: &Transaction, service: &str) -> rusqlite::Result<Option<
                 last_failure: r.get(6)?,
                 trip_reason: r.get(7)?,
             })
-        },
-    )
+        })
     .optional()
 }
 
-pub fn save_breaker(tx: &Transaction, service: &str, row: &BreakerRow) -> rusqlite::Result<()> {
-    tx.execute(
+pub fn save_breaker(tx: &Connection, service: &str, row: &BreakerRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
         "INSERT INTO breakers (service, phase, consecutive_failures, open_until_ms, closed_since_ms, probes, probe_expires_ms, last_failure, trip_reason)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (service) DO UPDATE SET phase = ?2, consecutive_failures = ?3, open_until_ms = ?4, closed_since_ms = ?5,
            probes = ?6, probe_expires_ms = ?7, last_failure = ?8, trip_reason = ?9",
-        params![
+    )?
+    .execute(params![
             service,
             row.phase,
             row.consecutive_failures,
@@ -338,8 +462,7 @@ pub fn save_breaker(tx: &Transaction, service: &str, row: &BreakerRow) -> rusqli
             row.probe_expires_ms,
             row.last_failure,
             row.trip_reason
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 
