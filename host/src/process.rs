@@ -134,7 +134,13 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
         .process_group(0)
         .kill_on_drop(true);
     let started = Instant::now();
-    let mut child = cmd.spawn().map_err(|source| match source.kind() {
+    // Spawning suspends the calling thread until the child has called exec (vfork), which on
+    // a busy machine waits for the child to get a CPU: that wait is a worker thread's, not
+    // the async thread's, so other requests go on meanwhile.
+    let spawned = tokio::task::spawn_blocking(move || cmd.spawn())
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("the spawning thread failed: {e}"))));
+    let mut child = spawned.map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound(spec.program.clone()),
         io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.program.clone()),
         _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(spec.program.clone()),
