@@ -293,7 +293,7 @@ impl State {
         if !due && commits % CHECKPOINT_CHECK_EVERY != 0 {
             return;
         }
-        if !due && self.wal_len() <= WAL_CHECKPOINT_BYTES {
+        if !due && self.wal_len() <= WAL_RUNNING_CHECKPOINT_BYTES {
             return;
         }
         if !may_wait {
@@ -320,8 +320,26 @@ impl State {
     }
 }
 
+impl Drop for State {
+    /// A long-running process leaves the WAL short for the next one to open.
+    fn drop(&mut self) {
+        if self.wal_len() > WAL_CHECKPOINT_BYTES {
+            let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+            let _ = conn.busy_timeout(Duration::ZERO);
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::debug!("state checkpoint at exit incomplete: {e}");
+            }
+        }
+    }
+}
+
 /// How many commits pass between looks at the WAL's length.
-const CHECKPOINT_CHECK_EVERY: u64 = 128;
+const CHECKPOINT_CHECK_EVERY: u64 = 256;
+
+/// A running process checkpoints the WAL once it is longer than this: less often than at
+/// open, as each checkpoint costs a few milliseconds with its fsync. (It checkpoints again
+/// when it is done, so the next process to open the file finds the WAL short.)
+const WAL_RUNNING_CHECKPOINT_BYTES: u64 = 4 << 20;
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
