@@ -88,15 +88,6 @@ struct Slots {
 }
 
 impl Slots {
-    fn try_acquire(&self) -> Option<SlotGuard<'_>> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if *free == 0 {
-            return None;
-        }
-        *free -= 1;
-        Some(SlotGuard(self))
-    }
-
     fn acquire(&self) -> SlotGuard<'_> {
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         while *free == 0 {
@@ -209,7 +200,6 @@ impl Runtime {
         };
         Ok(Plugin {
             inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
-            quick: false,
         })
     }
 
@@ -319,32 +309,9 @@ struct Loaded {
 #[derive(Clone)]
 pub struct Plugin {
     inner: Arc<Loaded>,
-    /// Calls get one epoch tick and no waiting for a slot, failing with [`Overrun`] instead.
-    quick: bool,
 }
 
-/// A quick call needed more than one epoch tick, or found no free instance slot.
-#[derive(Debug, thiserror::Error)]
-#[error("the plugin call needs a worker thread")]
-struct Overrun;
-
 impl Plugin {
-    /// Runs `f`, one or more calls of this plugin, without holding up the async thread: first
-    /// in place with a CPU budget of one epoch tick, which nearly every call fits in (they
-    /// take tens of microseconds); a call that needs more, or finds every instance slot
-    /// taken, is started afresh on a worker thread with the plugin's full limits. Running a
-    /// call again is safe: each runs in a fresh instance that can reach nothing outside it.
-    pub async fn run<T: Send + 'static>(&self, f: impl Fn(&Plugin) -> Result<T> + Send + 'static) -> Result<T> {
-        let quick = Plugin { inner: self.inner.clone(), quick: true };
-        match f(&quick) {
-            Err(e) if e.is::<Overrun>() => {
-                let plugin = self.clone();
-                crate::blocking(move || f(&plugin)).await
-            }
-            done => done,
-        }
-    }
-
     /// Where the plugin came from, for messages.
     pub fn source(&self) -> &PluginSource {
         &self.inner.source
@@ -379,19 +346,16 @@ impl Plugin {
     /// `f`, and turns a trap or an exhausted limit into an error naming the plugin.
     fn call<T>(&self, function: &str, f: impl FnOnce(&ServicePlugin, &mut Store<State>) -> wasmtime::Result<T>) -> Result<T> {
         let inner = &*self.inner;
-        let _slot = if self.quick { inner.slots.try_acquire().ok_or(Overrun)? } else { inner.slots.acquire() };
+        let _slot = inner.slots.acquire();
         let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };
         let mut store = Store::new(&inner.engine, State { wasi, table: ResourceTable::new(), limiter });
         store.limiter(|s| &mut s.limiter);
         let ticks = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-        store.set_epoch_deadline(if self.quick { 1 } else { ticks });
+        store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
         let result = inner.pre.instantiate(&mut store).and_then(|instance| f(&instance, &mut store));
-        if self.quick && result.as_ref().err().and_then(|e| e.downcast_ref::<Trap>()) == Some(&Trap::Interrupt) {
-            return Err(Overrun.into());
-        }
         let printed = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
         if !printed.is_empty() {
             tracing::debug!(plugin = %inner.source, "plugin stderr ({function}): {printed}");

@@ -123,8 +123,17 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// Runs the command to its end, or until a timeout or `cancel` stops its whole process group.
-pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, SpawnError> {
+/// A started process, not yet waited for.
+pub struct Started {
+    child: Child,
+    at: Instant,
+}
+
+/// Starts the command. Synchronous: spawning suspends the calling thread until the child
+/// has called exec (vfork), which on a busy machine means until the child gets a CPU, so
+/// call this on a worker thread (within the async runtime's context), never on the async
+/// thread. [`run`] does so.
+pub fn start(spec: &Spec) -> Result<Started, SpawnError> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -133,19 +142,29 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let started = Instant::now();
-    // Spawning suspends the calling thread until the child has called exec (vfork), which on
-    // a busy machine waits for the child to get a CPU: that wait is a worker thread's, not
-    // the async thread's, so other requests go on meanwhile.
-    let spawned = tokio::task::spawn_blocking(move || cmd.spawn())
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(format!("the spawning thread failed: {e}"))));
-    let mut child = spawned.map_err(|source| match source.kind() {
+    let at = Instant::now();
+    let child = cmd.spawn().map_err(|source| match source.kind() {
         io::ErrorKind::NotFound => SpawnError::NotFound(spec.program.clone()),
         io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.program.clone()),
         _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(spec.program.clone()),
         _ => SpawnError::Other { program: spec.program.clone(), source },
     })?;
+    Ok(Started { child, at })
+}
+
+/// Runs the command to its end, or until a timeout or `cancel` stops its whole process group.
+pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, SpawnError> {
+    let owned = spec.clone();
+    let started = tokio::task::spawn_blocking(move || start(&owned)).await.unwrap_or_else(|e| {
+        Err(SpawnError::Other { program: spec.program.clone(), source: io::Error::other(format!("the spawning thread failed: {e}")) })
+    })?;
+    Ok(finish(started, spec, cancel).await)
+}
+
+/// Waits for a started process to end, or stops its whole process group when a timeout or
+/// `cancel` fires; captures its output meanwhile.
+pub async fn finish(started: Started, spec: &Spec, cancel: &CancellationToken) -> Finished {
+    let Started { mut child, at: started } = started;
     let pgid = child.id().map(|id| id as i32).unwrap_or(0);
 
     // Everything below runs in this one task: the readers, the stdin writer and the
@@ -188,7 +207,7 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
     };
     let (((status, stopped), duration), (stdout, stdout_truncated), (stderr, stderr_truncated), ()) =
         tokio::join!(supervisor, out, err, writer);
-    Ok(Finished { status, stopped, stdout, stderr, stdout_truncated, stderr_truncated, duration })
+    Finished { status, stopped, stdout, stderr, stdout_truncated, stderr_truncated, duration }
 }
 
 /// Waits for the child while watching the timeouts and `cancel`; stops the group when one fires.

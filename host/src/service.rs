@@ -12,6 +12,7 @@ use crate::config::ServiceConfig;
 pub use crate::outcome::{Failure, FailureKind, Outcome, Tokens};
 use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
 use crate::process::{self, SpawnError, Status, Stopped};
+use crate::blocking;
 
 impl From<wit::FailureKind> for FailureKind {
     fn from(kind: wit::FailureKind) -> Self {
@@ -123,8 +124,9 @@ impl Service {
     /// Runs the plugin's health command, if it has one, within `timeout`.
     /// `Ok(None)`: the plugin has no health check.
     pub async fn health(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Option<process::Finished>, String> {
+        let plugin = self.plugin.clone();
         let view = self.view.clone();
-        let command = self.plugin.run(move |plugin| plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
+        let command = blocking(move || plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
         let Some(command) = command else { return Ok(None) };
         let mut spec = self.spec(command, timeout)?;
         spec.kill_grace = spec.kill_grace.min(Duration::from_millis(500));
@@ -142,33 +144,18 @@ impl Service {
             Ok(r) => Arc::new(r),
             Err(message) => return self.fail(FailureKind::InvalidRequest, format!("service {name}: {message}")),
         };
-        let built = {
-            let (view, req) = (self.view.clone(), wit_request.clone());
-            self.plugin.run(move |plugin| plugin.build_command(&view, &req)).await
+        // One hop to a worker thread builds the command and starts it (see process::start).
+        let begun = {
+            let (service, req) = (self.clone(), wit_request.clone());
+            let timeout = request.timeout.unwrap_or(self.config.limits.timeout);
+            tokio::task::spawn_blocking(move || service.begin(&req, timeout)).await
         };
-        let command = match built {
-            Ok(Ok(command)) => command,
-            Ok(Err(failure)) => return Outcome::failed(name, plugin_failure(failure)),
-            Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: {e:#}")),
+        let (started, spec) = match begun {
+            Ok(Ok(begun)) => begun,
+            Ok(Err(failed)) => return failed,
+            Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: building the command failed: {e}")),
         };
-        let timeout = request.timeout.unwrap_or(self.config.limits.timeout);
-        let spec = match self.spec(command, timeout) {
-            Ok(spec) => spec,
-            Err(why) => return self.fail(FailureKind::PluginError, format!("service {name}: {why}")),
-        };
-        let finished = match process::run(&spec, cancel).await {
-            Ok(finished) => finished,
-            Err(e) => {
-                let (kind, hint) = match e {
-                    SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => {
-                        (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
-                    }
-                    SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
-                    SpawnError::Other { .. } => (FailureKind::Other, ""),
-                };
-                return self.fail(kind, format!("service {name}: {e}{hint}"));
-            }
-        };
+        let finished = process::finish(started, &spec, cancel).await;
         let (exit_code, signal) = match finished.status {
             Status::Code(c) => (Some(c), None),
             Status::Signal(s) => (None, Some(s)),
@@ -220,8 +207,8 @@ impl Service {
             stderr_truncated: finished.stderr_truncated,
         };
         let parsed = {
-            let (view, req) = (self.view.clone(), wit_request.clone());
-            self.plugin.run(move |plugin| plugin.parse_output(&view, &req, &output)).await
+            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
+            blocking(move || plugin.parse_output(&view, &req, &output)).await
         };
         match parsed {
             Ok(Ok(response)) => {
@@ -235,6 +222,31 @@ impl Service {
             Err(e) => outcome.error = Some(Failure::new(FailureKind::PluginError, format!("service {name}: {e:#}"))),
         }
         outcome
+    }
+
+    /// The plugin builds the command and it is started: the part of an attempt that blocks
+    /// (a plugin call, the spawn). The started process with its spec, or the failed outcome.
+    fn begin(&self, request: &wit::Request, timeout: Duration) -> Result<(process::Started, process::Spec), Outcome> {
+        let name = &self.config.name;
+        let command = match self.plugin.build_command(&self.view, request) {
+            Ok(Ok(command)) => command,
+            Ok(Err(failure)) => return Err(Outcome::failed(name, plugin_failure(failure))),
+            Err(e) => return Err(self.fail(FailureKind::PluginError, format!("service {name}: {e:#}"))),
+        };
+        let spec = self.spec(command, timeout).map_err(|why| self.fail(FailureKind::PluginError, format!("service {name}: {why}")))?;
+        match process::start(&spec) {
+            Ok(started) => Ok((started, spec)),
+            Err(e) => {
+                let (kind, hint) = match e {
+                    SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => {
+                        (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
+                    }
+                    SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
+                    SpawnError::Other { .. } => (FailureKind::Other, ""),
+                };
+                Err(self.fail(kind, format!("service {name}: {e}{hint}")))
+            }
+        }
     }
 
     /// The request as the plugin sees it: files with their contents when it asks for them.

@@ -48,6 +48,21 @@ fn a_plugin_that_loops_forever_is_stopped_by_its_time_limit() {
 }
 
 #[test]
+fn a_slow_plugin_call_within_its_time_limit_answers() {
+    for mode in ["slow@build", "slow@parse"] {
+        let sandbox = misbehaving(mode, "");
+        let run = sandbox.run(&["run", "bad", "the answer"]);
+        assert_eq!((run.code, run.stdout.as_str()), (0, "the answer\n"), "{mode}: {run:?}");
+    }
+}
+
+#[test]
+fn a_slow_plugin_call_beyond_its_time_limit_is_stopped() {
+    let message = plugin_error(&misbehaving("slow", "plugin_time = \"20ms\""));
+    assert!(message.contains("CPU time limit of 20ms"), "{message}");
+}
+
+#[test]
 fn a_plugin_that_allocates_too_much_is_stopped_by_its_memory_limit() {
     let message = plugin_error(&misbehaving("alloc", "plugin_memory = \"16MiB\""));
     assert!(message.contains("memory limit of 16 MiB"), "{message}");

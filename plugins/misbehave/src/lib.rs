@@ -34,6 +34,14 @@ fn misbehave(mode: &str, phase: &str) -> Option<Command> {
                 x = std::hint::black_box(x.wrapping_add(1));
             }
         }
+        "slow" => {
+            // Busy for 40 ms, then behaves.
+            let started = std::time::Instant::now();
+            while started.elapsed() < std::time::Duration::from_millis(40) {
+                std::hint::black_box(started);
+            }
+            None
+        }
         "alloc" => {
             let big = vec![1u8; 1 << 30];
             std::hint::black_box(&big);
