@@ -226,7 +226,7 @@ pub async fn run(
     config: &Config,
     runtime: &Runtime,
     ctx: Context,
-    input: Box<dyn BufRead + Send>,
+    input: std::io::BufReader<Box<dyn Read + Send>>,
     output: Box<dyn Write + Send>,
     done: Vec<u128>,
     options: Options,
@@ -254,7 +254,7 @@ pub async fn run(
                     });
                 }
             }
-            let more_buffered = n > 0 && input.fill_buf().map(|b| !b.is_empty()).unwrap_or(false);
+            let more_buffered = n > 0 && !input.buffer().is_empty();
             if !batch.is_empty() && (batch.len() >= batch_len || !more_buffered) {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_len));
                 if item_tx.blocking_send(full).is_err() || cancel.is_cancelled() {

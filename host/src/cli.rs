@@ -355,13 +355,14 @@ fn print_fan_out_result(outcome: &Outcome, json: bool) -> Result<()> {
 
 async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<ExitCode> {
     let from_stdin = args.jobs_file.as_os_str() == "-";
-    let input: Box<dyn std::io::BufRead + Send> = if from_stdin {
-        Box::new(std::io::BufReader::new(std::io::stdin()))
+    let input: Box<dyn std::io::Read + Send> = if from_stdin {
+        Box::new(std::io::stdin())
     } else {
         let file = std::fs::File::open(&args.jobs_file)
             .map_err(|e| Usage(format!("cannot read the jobs file {}: {e}", args.jobs_file.display())))?;
-        Box::new(std::io::BufReader::with_capacity(1 << 16, file))
+        Box::new(file)
     };
+    let input = std::io::BufReader::with_capacity(1 << 16, input);
     let (output, done): (Box<dyn Write + Send>, Vec<u128>) = match &args.output {
         Some(path) => {
             let (file, done) = batch::open_results(path).map_err(|e| Usage(format!("{e:#}")))?;

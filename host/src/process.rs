@@ -282,14 +282,14 @@ async fn capture<R: AsyncRead + Unpin>(
     let Some(mut stream) = stream else { return (Vec::new(), false) };
     let cap = usize::try_from(cap).unwrap_or(usize::MAX);
     let (mut kept, mut truncated) = (Vec::new(), false);
-    // Output is read straight into what is kept (no buffer is allocated for a silent
-    // process); past the cap, it is read into `spill` and thrown away.
+    // Output is read straight into what is kept, whose buffer starts small and grows with
+    // the output (a silent process costs 4 KiB, not a zeroed 64 KiB chunk); past the cap, it
+    // is read into `spill` and thrown away.
     let mut spill = Vec::new();
     tokio::pin!(give_up);
     loop {
         let room = cap - kept.len();
         let into = if room > 0 {
-            // Start small and grow with the output, up to a chunk at a time.
             kept.reserve(room.min(READ_CHUNK).min(kept.len().max(4096)));
             &mut kept
         } else {

@@ -130,8 +130,8 @@ impl State {
             std::fs::create_dir_all(dir).with_context(|| format!("creating the state directory {}", dir.display()))?;
         }
         let conn = Connection::open(path).with_context(|| format!("opening the state file {}", path.display()))?;
-        // Checkpointing (with its fsync) is left to SQLite's automatic checkpoints instead of
-        // every short-lived process's exit.
+        // No checkpoint (with its fsync) at every short-lived process's exit: see `prepare`
+        // and `committed` for when the WAL is checkpointed.
         conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)?;
         let state = State::new(conn, Some(path.to_path_buf()));
         state
@@ -290,7 +290,7 @@ impl State {
     fn committed(&self, conn: &Connection, may_wait: bool) {
         let commits = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
         let due = self.checkpoint_due.load(Ordering::Relaxed);
-        if !due && commits % CHECKPOINT_CHECK_EVERY != 0 {
+        if !due && !commits.is_multiple_of(CHECKPOINT_CHECK_EVERY) {
             return;
         }
         if !due && self.wal_len() <= WAL_RUNNING_CHECKPOINT_BYTES {
@@ -511,6 +511,40 @@ mod tests {
         assert!(wal < 2 << 20, "the WAL grew to {wal} bytes");
         let state = State::open(&path).unwrap();
         assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 300);
+    }
+
+    #[test]
+    fn a_long_running_store_keeps_its_wal_bounded_and_leaves_it_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let wal = || std::fs::metadata(dir.path().join("state.db-wal")).map(|m| m.len()).unwrap_or(0);
+        let state = State::open(&path).unwrap();
+        let mut largest = 0;
+        for i in 0..3000 {
+            // As the dispatcher does: in place when that needs no waiting, else the waiting way.
+            let row = AttemptRow { service: "s".into(), started_ms: i, outcome: OK.into(), spawned: true, ..Default::default() };
+            if state.try_write(|tx| insert_attempt(tx, &row)).unwrap().is_none() {
+                state.write(|tx| insert_attempt(tx, &row)).unwrap();
+            }
+            largest = largest.max(wal());
+        }
+        assert!(largest < 2 * WAL_RUNNING_CHECKPOINT_BYTES, "the WAL grew to {largest} bytes");
+        drop(state);
+        assert_eq!(wal(), 0, "closing the store truncates the WAL");
+        let state = State::open(&path).unwrap();
+        assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 3000);
+    }
+
+    #[test]
+    fn a_write_that_would_wait_for_another_writer_is_not_done_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (ours, theirs) = (State::open(&path).unwrap(), State::open(&path).unwrap());
+        let row = AttemptRow { service: "s".into(), started_ms: 1, outcome: OK.into(), spawned: true, ..Default::default() };
+        let in_place = theirs.write(|_| Ok(ours.try_write(|tx| insert_attempt(tx, &row)).unwrap())).unwrap();
+        assert_eq!(in_place, None, "another connection held the write lock");
+        assert!(ours.try_write(|tx| insert_attempt(tx, &row)).unwrap().is_some(), "free again");
+        assert_eq!(ours.read(|tx| attempts_since(tx, 0)).unwrap().len(), 1, "the refused write left nothing");
     }
 
     #[test]

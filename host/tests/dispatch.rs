@@ -214,6 +214,26 @@ fn batch_reads_jobs_from_stdin() {
 }
 
 #[test]
+fn batch_from_stdin_answers_each_job_before_the_input_ends() {
+    use std::io::Write;
+    let sandbox = Sandbox::new(BATCH);
+    let mut child = sandbox.host().args(["batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, results) = std::sync::mpsc::channel();
+    std::thread::spawn(move || stdout.lines().map_while(Result::ok).for_each(|l| drop(tx.send(l))));
+    for id in ["a", "b"] {
+        writeln!(stdin, r#"{{"id": "{id}", "service": "echo", "prompt": "job {id}"}}"#).unwrap();
+        stdin.flush().unwrap();
+        let line = results.recv_timeout(Duration::from_secs(30)).expect("the result comes while stdin is still open");
+        let j: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!((j["id"].as_str(), j["text"].as_str()), (Some(id), Some(format!("job {id}").as_str())));
+    }
+    drop(stdin);
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
 fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
     let sandbox = Sandbox::new(BATCH);
     let jobs: Vec<String> = (0..40).map(|i| format!(r#"{{"id": {i}, "service": "slow", "prompt": "job {i}"}}"#)).collect();
