@@ -40,11 +40,15 @@ fn main() {
         stdout_truncated: false,
         stderr_truncated: false,
     };
+    // The host's own kind of runtime: one thread, plugin calls on the caller's task.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let one = || {
-        let cmd = plugin.build_command(&service, &request).unwrap().unwrap();
-        assert_eq!(cmd.args.len(), 5);
-        let response = plugin.parse_output(&service, &request, &output).unwrap().unwrap();
-        assert!(response.text.starts_with("The file"));
+        rt.block_on(async {
+            let cmd = plugin.build_command(&service, &request).await.unwrap().unwrap();
+            assert_eq!(cmd.args.len(), 5);
+            let response = plugin.parse_output(&service, &request, &output).await.unwrap().unwrap();
+            assert!(response.text.starts_with("The file"));
+        })
     };
     for _ in 0..2_000 {
         one();
@@ -67,7 +71,7 @@ fn main() {
     let mut info = Vec::with_capacity(20_000);
     for _ in 0..20_000 {
         let t = Instant::now();
-        plugin.info().unwrap();
+        rt.block_on(plugin.info()).unwrap();
         info.push(t.elapsed());
     }
     info.sort();

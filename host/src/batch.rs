@@ -196,19 +196,19 @@ fn parse_job(config: &Config, line: &str) -> Result<Job, String> {
 struct Services<'a> {
     config: &'a Config,
     runtime: &'a Runtime,
-    loaded: Mutex<HashMap<String, Target>>,
+    loaded: Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Target>>>>,
 }
 
 impl Services<'_> {
-    fn get(&self, name: &str) -> Target {
-        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        loaded
-            .entry(name.to_string())
-            .or_insert_with(|| {
-                let config = self.config.service(name).expect("checked when the line was parsed");
-                Service::load_or_fail(self.runtime, config)
-            })
-            .clone()
+    /// The service, loaded by the first job that needs it while the others wait for it.
+    async fn get(&self, name: &str) -> Target {
+        let cell = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_string()).or_default().clone();
+        cell.get_or_init(|| async {
+            let config = self.config.service(name).expect("checked when the line was parsed");
+            Service::load_or_fail(self.runtime, config).await
+        })
+        .await
+        .clone()
     }
 }
 
@@ -368,7 +368,7 @@ async fn run_job(services: &Services<'_>, job: &Job, ctx: &Context) -> Option<(S
     let cancelled = |o: &Outcome| o.error.as_ref().is_some_and(|e| e.kind == FailureKind::Cancelled);
     let line = match &job.plan {
         Plan::Chain(names) => {
-            let chain: Vec<Target> = names.iter().map(|n| services.get(n)).collect();
+            let chain: Vec<Target> = futures::future::join_all(names.iter().map(|n| services.get(n))).await;
             let outcome = dispatch::failover(chain, &job.request, ctx).await;
             if cancelled(&outcome) {
                 return None;
@@ -378,7 +378,7 @@ async fn run_job(services: &Services<'_>, job: &Job, ctx: &Context) -> Option<(S
         }
         Plan::FanOut(names) => {
             let runs = names.iter().map(|n| async move {
-                match services.get(n) {
+                match services.get(n).await {
                     Ok(service) => dispatch::execute(&service, &job.request, ctx).await,
                     Err(outcome) => outcome,
                 }

@@ -211,7 +211,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run(&config, state()?, args).await,
         Command::Batch(args) => batch(&config, state()?, args).await,
         Command::List { json } => list(&config, json),
-        Command::Check { json } => check(&config, json),
+        Command::Check { json } => check(&config, json).await,
         Command::Usage { since, json } => usage(&*state()?, since, json),
         Command::Status { json } => status(&*state()?, &config, json),
         Command::Health { services, timeout, json } => health(&config, &services, timeout, json).await,
@@ -274,7 +274,7 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
     let cancel = CancellationToken::new();
     let interrupted = watch_signals(cancel.clone());
     let mut ctx = dispatch::Context { state, clock: Arc::new(SystemClock), cancel: cancel.clone(), observer: None };
-    let targets: Vec<dispatch::Target> = chain.iter().map(|c| Service::load_or_fail(&runtime, c)).collect();
+    let targets: Vec<dispatch::Target> = futures::future::join_all(chain.iter().map(|c| Service::load_or_fail(&runtime, c))).await;
     let all_ok = if names.len() > 1 {
         let lines = StatusLines::new(&names);
         ctx.observer = lines.as_ref().map(|l| l.observer());
@@ -523,12 +523,11 @@ struct CheckRow {
     error: Option<String>,
 }
 
-fn check(config: &Config, json: bool) -> Result<ExitCode> {
+async fn check(config: &Config, json: bool) -> Result<ExitCode> {
     let runtime = runtime_for(config.services.values())?;
-    let rows: Vec<CheckRow> = config
-        .services
-        .values()
-        .map(|s| {
+    let rows: Vec<CheckRow> = futures::future::join_all(config.services.values().map(|s| {
+        let runtime = &runtime;
+        async move {
             let mut row = CheckRow {
                 name: s.name.clone(),
                 ok: false,
@@ -539,7 +538,11 @@ fn check(config: &Config, json: bool) -> Result<ExitCode> {
                 command_found: find_program(&s.command).is_some(),
                 error: None,
             };
-            match Service::load(&runtime, s).and_then(|svc| Ok((svc.validate()?, svc))) {
+            let checked = match Service::load(runtime, s).await {
+                Ok(svc) => svc.validate().await.map(|verdict| (verdict, svc)),
+                Err(e) => Err(e),
+            };
+            match checked {
                 Ok((Ok(()), svc)) => {
                     row.ok = true;
                     row.plugin_name = Some(svc.info.name.clone());
@@ -550,8 +553,9 @@ fn check(config: &Config, json: bool) -> Result<ExitCode> {
                 Err(e) => row.error = Some(format!("{e:#}")),
             }
             row
-        })
-        .collect();
+        }
+    }))
+    .await;
     let mut out = std::io::stdout().lock();
     if json {
         serde_json::to_writer_pretty(&mut out, &rows)?;

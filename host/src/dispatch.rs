@@ -326,7 +326,7 @@ mod tests {
         );
         let config = Config::parse(&text, None).unwrap();
         let runtime = Runtime::new(64 << 20, None).unwrap();
-        let service = Service::load(&runtime, &config.services["echo"]).unwrap();
+        let service = Service::load(&runtime, &config.services["echo"]).await.unwrap();
         let clock = Arc::new(FakeClock::at(1_000_000));
         let ctx = Context { state: State::in_memory().unwrap(), clock: clock.clone(), cancel: CancellationToken::new(), observer: None };
         (service, ctx, clock)

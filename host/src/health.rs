@@ -26,7 +26,7 @@ pub struct Health {
 /// Checks every service at once, each within `timeout`; results in the order given.
 pub async fn check_all(runtime: &Runtime, services: &[&ServiceConfig], timeout: Duration, cancel: &CancellationToken) -> Vec<Health> {
     // Loading plugins is quick and CPU-bound; the commands are what take time.
-    let loaded: Vec<_> = services.iter().map(|config| (config, Service::load(runtime, config))).collect();
+    let loaded = futures::future::join_all(services.iter().map(|config| async move { (config, Service::load(runtime, config).await) })).await;
     let checks = loaded.into_iter().map(|(config, service)| async move {
         let started = Instant::now();
         let mut health = Health { service: config.name.clone(), ok: false, reason: None, detail: None, duration_ms: 0 };

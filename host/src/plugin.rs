@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use tokio::sync::Semaphore;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -20,6 +21,9 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "service-plugin",
+        // Calls are async so that a plugin runs on the caller's task, yielding while it
+        // computes, instead of occupying a thread of its own.
+        exports: { default: async },
     });
 }
 
@@ -36,6 +40,10 @@ const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Plugin calls that may run at once in one process; more wait for a free slot.
 const PLUGIN_SLOTS: usize = 64;
+
+/// However a call spends its time (computing, or blocked in a WASI call such as a sleep),
+/// it ends after this many times its CPU limit in wall time.
+const WALL_LIMIT_FACTOR: u32 = 10;
 
 /// How much of a plugin's stderr is kept per call (for the log and for trap messages).
 const PLUGIN_STDERR_CAP: usize = 64 * 1024;
@@ -67,7 +75,8 @@ fn builtin(name: &str) -> Option<(&'static [u8], &'static str)> {
 pub struct PluginLimits {
     /// Linear memory an instance may grow to, in bytes.
     pub memory: u64,
-    /// Wall time one call may take.
+    /// CPU time one call may compute (counted in epoch ticks); it also ends after
+    /// `WALL_LIMIT_FACTOR` times this in wall time, whatever it does.
     pub time: Duration,
 }
 
@@ -76,42 +85,19 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<State>,
     cache_dir: Option<PathBuf>,
-    slots: Arc<Slots>,
+    /// One permit per instance the pool holds: a call waits for an instance rather than
+    /// failing for want of one.
+    slots: Arc<Semaphore>,
     prepared: std::sync::Mutex<std::collections::HashMap<PluginSource, ServicePluginPre<State>>>,
 }
 
-/// A counting semaphore over the instance pool, so that concurrent calls wait for an
-/// instance rather than fail for want of one.
-struct Slots {
-    free: std::sync::Mutex<usize>,
-    freed: std::sync::Condvar,
-}
-
-impl Slots {
-    fn acquire(&self) -> SlotGuard<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.freed.wait(free).unwrap_or_else(|p| p.into_inner());
-        }
-        *free -= 1;
-        SlotGuard(self)
-    }
-}
-
-struct SlotGuard<'a>(&'a Slots);
-
-impl Drop for SlotGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.0.freed.notify_one();
-    }
-}
-
-/// Store state of one call: a WASI context that grants nothing, and the limiter.
+/// Store state of one call: a WASI context that grants nothing, the limiter, and the CPU
+/// time left, in epoch ticks.
 struct State {
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
+    ticks_left: u64,
 }
 
 impl WasiView for State {
@@ -151,7 +137,7 @@ impl Runtime {
             .total_core_instances(4 * PLUGIN_SLOTS as u32)
             .total_memories(PLUGIN_SLOTS as u32)
             .total_tables(2 * PLUGIN_SLOTS as u32)
-            .total_stacks(1)
+            .total_stacks(PLUGIN_SLOTS as u32)
             .max_memory_size(usize::try_from(max_memory.max(1 << 20)).unwrap_or(usize::MAX))
             .linear_memory_keep_resident(4 << 20)
             .table_keep_resident(64 << 10);
@@ -173,10 +159,10 @@ impl Runtime {
             })
             .context("starting the plugin deadline thread")?;
         let mut linker = Linker::new(&engine);
-        any(wasmtime_wasi::p2::add_to_linker_sync(&mut linker)).context("linking WASI")?;
+        any(wasmtime_wasi::p2::add_to_linker_async(&mut linker)).context("linking WASI")?;
         any(ServicePlugin::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s))
             .context("linking the plugin contract")?;
-        let slots = Arc::new(Slots { free: std::sync::Mutex::new(PLUGIN_SLOTS), freed: std::sync::Condvar::new() });
+        let slots = Arc::new(Semaphore::new(PLUGIN_SLOTS));
         Ok(Runtime { engine, linker, cache_dir, slots, prepared: Default::default() })
     }
 
@@ -302,7 +288,25 @@ struct Loaded {
     engine: Engine,
     source: PluginSource,
     limits: PluginLimits,
-    slots: Arc<Slots>,
+    slots: Arc<Semaphore>,
+}
+
+/// One plugin call: waits for a free instance slot, instantiates the plugin in a fresh
+/// store (see [`Plugin::store`]), runs `$call` within the wall-time limit, and explains a
+/// failure (see [`Plugin::finish`]).
+macro_rules! call {
+    ($plugin:expr, $function:literal, |$p:ident, $s:ident| $call:expr) => {{
+        let plugin: &Plugin = $plugin;
+        let _slot = plugin.inner.slots.acquire().await.context("the plugin runtime is shutting down")?;
+        let (mut store, stderr) = plugin.store();
+        let run = async {
+            let instance = plugin.inner.pre.instantiate_async(&mut store).await?;
+            let ($p, $s) = (&instance, &mut store);
+            $call.await
+        };
+        let result = tokio::time::timeout(plugin.wall_limit(), run).await.ok();
+        plugin.finish($function, &store, &stderr, result)
+    }};
 }
 
 /// A loaded plugin, cheap to clone; every call runs in a fresh instance.
@@ -317,49 +321,74 @@ impl Plugin {
         &self.inner.source
     }
 
-    pub fn info(&self) -> Result<wit::PluginInfo> {
-        self.call("info", |p, s| p.exechost_service_plugin().call_info(s))
+    pub async fn info(&self) -> Result<wit::PluginInfo> {
+        call!(self, "info", |p, s| p.exechost_service_plugin().call_info(s))
     }
 
-    pub fn validate(&self, service: &wit::Service) -> Result<Result<(), String>> {
-        self.call("validate", |p, s| p.exechost_service_plugin().call_validate(s, service))
+    pub async fn validate(&self, service: &wit::Service) -> Result<Result<(), String>> {
+        call!(self, "validate", |p, s| p.exechost_service_plugin().call_validate(s, service))
     }
 
-    pub fn build_command(&self, service: &wit::Service, request: &wit::Request) -> Result<Result<wit::Command, wit::Failure>> {
-        self.call("build-command", |p, s| p.exechost_service_plugin().call_build_command(s, service, request))
+    pub async fn build_command(&self, service: &wit::Service, request: &wit::Request) -> Result<Result<wit::Command, wit::Failure>> {
+        call!(self, "build-command", |p, s| p.exechost_service_plugin().call_build_command(s, service, request))
     }
 
-    pub fn parse_output(
+    pub async fn parse_output(
         &self,
         service: &wit::Service,
         request: &wit::Request,
         output: &wit::Output,
     ) -> Result<Result<wit::Response, wit::Failure>> {
-        self.call("parse-output", |p, s| p.exechost_service_plugin().call_parse_output(s, service, request, output))
+        call!(self, "parse-output", |p, s| p.exechost_service_plugin().call_parse_output(s, service, request, output))
     }
 
-    pub fn health_command(&self, service: &wit::Service) -> Result<Option<wit::Command>> {
-        self.call("health-command", |p, s| p.exechost_service_plugin().call_health_command(s, service))
+    pub async fn health_command(&self, service: &wit::Service) -> Result<Option<wit::Command>> {
+        call!(self, "health-command", |p, s| p.exechost_service_plugin().call_health_command(s, service))
     }
 
-    /// Instantiates the plugin in a fresh store with no capabilities and the limits, runs
-    /// `f`, and turns a trap or an exhausted limit into an error naming the plugin.
-    fn call<T>(&self, function: &str, f: impl FnOnce(&ServicePlugin, &mut Store<State>) -> wasmtime::Result<T>) -> Result<T> {
+    /// A fresh store with no capabilities and the limits: its stderr is kept, and every
+    /// epoch tick the plugin computes through costs a tick of its CPU time and yields to
+    /// the other tasks of this thread.
+    fn store(&self) -> (Store<State>, MemoryOutputPipe) {
         let inner = &*self.inner;
-        let _slot = inner.slots.acquire();
         let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };
-        let mut store = Store::new(&inner.engine, State { wasi, table: ResourceTable::new(), limiter });
+        let ticks_left = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+        let mut store = Store::new(&inner.engine, State { wasi, table: ResourceTable::new(), limiter, ticks_left });
         store.limiter(|s| &mut s.limiter);
-        let ticks = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
-        let result = inner.pre.instantiate(&mut store).and_then(|instance| f(&instance, &mut store));
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut store| {
+            let state = store.data_mut();
+            if state.ticks_left == 0 {
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            state.ticks_left -= 1;
+            Ok(UpdateDeadline::Yield(1))
+        });
+        (store, stderr)
+    }
+
+    /// How long a call may take in wall time, whatever it does.
+    fn wall_limit(&self) -> Duration {
+        self.inner.limits.time * WALL_LIMIT_FACTOR
+    }
+
+    /// Turns a trap, an exhausted limit or a call past its wall time into an error naming
+    /// the plugin, with the end of what it printed on stderr.
+    fn finish<T>(&self, function: &str, store: &Store<State>, stderr: &MemoryOutputPipe, result: Option<wasmtime::Result<T>>) -> Result<T> {
+        let inner = &*self.inner;
         let printed = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
         if !printed.is_empty() {
             tracing::debug!(plugin = %inner.source, "plugin stderr ({function}): {printed}");
         }
+        let Some(result) = result else {
+            return Err(anyhow!(
+                "plugin {} took longer than {:?} of wall time in {function} ({WALL_LIMIT_FACTOR} times plugin_time): it was stopped",
+                inner.source,
+                self.wall_limit()
+            ));
+        };
         result.map_err(|e| {
             let what = match e.downcast_ref::<Trap>() {
                 Some(Trap::Interrupt) => format!("exceeded its CPU time limit of {:?} (plugin_time)", inner.limits.time),
@@ -377,3 +406,4 @@ impl Plugin {
         })
     }
 }
+

@@ -124,7 +124,7 @@ fn signal_group(pgid: i32, signal: i32) {
 }
 
 /// A started process, not yet waited for.
-pub struct Started {
+struct Started {
     child: Child,
     at: Instant,
 }
@@ -133,7 +133,7 @@ pub struct Started {
 /// has called exec (vfork), which on a busy machine means until the child gets a CPU, so
 /// call this on a worker thread (within the async runtime's context), never on the async
 /// thread. [`run`] does so.
-pub fn start(spec: &Spec) -> Result<Started, SpawnError> {
+fn start(spec: &Spec) -> Result<Started, SpawnError> {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -163,7 +163,7 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
 
 /// Waits for a started process to end, or stops its whole process group when a timeout or
 /// `cancel` fires; captures its output meanwhile.
-pub async fn finish(started: Started, spec: &Spec, cancel: &CancellationToken) -> Finished {
+async fn finish(started: Started, spec: &Spec, cancel: &CancellationToken) -> Finished {
     let Started { mut child, at: started } = started;
     let pgid = child.id().map(|id| id as i32).unwrap_or(0);
 

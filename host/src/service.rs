@@ -12,7 +12,6 @@ use crate::config::ServiceConfig;
 pub use crate::outcome::{Failure, FailureKind, Outcome, Tokens};
 use crate::plugin::{Plugin, PluginLimits, Runtime, wit};
 use crate::process::{self, SpawnError, Status, Stopped};
-use crate::blocking;
 
 impl From<wit::FailureKind> for FailureKind {
     fn from(kind: wit::FailureKind) -> Self {
@@ -68,12 +67,12 @@ pub struct Service {
 
 impl Service {
     /// Loads the service's plugin and asks it for its info.
-    pub fn load(runtime: &Runtime, config: &ServiceConfig) -> Result<Service> {
+    pub async fn load(runtime: &Runtime, config: &ServiceConfig) -> Result<Service> {
         let limits = PluginLimits { memory: config.limits.plugin_memory, time: config.limits.plugin_time };
         let plugin = runtime
             .load(&config.plugin, limits)
             .with_context(|| format!("service {}", config.name))?;
-        let info = plugin.info().with_context(|| format!("service {}", config.name))?;
+        let info = plugin.info().await.with_context(|| format!("service {}", config.name))?;
         let view = Arc::new(wit::Service {
             name: config.name.clone(),
             command: config.command.clone(),
@@ -85,19 +84,15 @@ impl Service {
     }
 
     /// Loads the service, or gives the failed outcome that says why it cannot run.
-    pub fn load_or_fail(runtime: &Runtime, config: &ServiceConfig) -> Result<Service, Outcome> {
+    pub async fn load_or_fail(runtime: &Runtime, config: &ServiceConfig) -> Result<Service, Outcome> {
         Service::load(runtime, config)
+            .await
             .map_err(|e| Outcome::failed(&config.name, Failure::new(FailureKind::PluginError, format!("{e:#}"))))
     }
 
     /// Asks the plugin whether the service's settings are right.
-    pub fn validate(&self) -> Result<Result<(), String>> {
-        self.plugin.validate(&self.view)
-    }
-
-    /// The plugin's health check command, if it has one.
-    pub fn health_command(&self) -> Result<Option<wit::Command>> {
-        self.plugin.health_command(&self.view)
+    pub async fn validate(&self) -> Result<Result<(), String>> {
+        self.plugin.validate(&self.view).await
     }
 
     /// The process to run for a plugin's command: the service's program, its environment
@@ -124,9 +119,7 @@ impl Service {
     /// Runs the plugin's health command, if it has one, within `timeout`.
     /// `Ok(None)`: the plugin has no health check.
     pub async fn health(&self, timeout: Duration, cancel: &CancellationToken) -> Result<Option<process::Finished>, String> {
-        let plugin = self.plugin.clone();
-        let view = self.view.clone();
-        let command = blocking(move || plugin.health_command(&view)).await.map_err(|e| format!("{e:#}"))?;
+        let command = self.plugin.health_command(&self.view).await.map_err(|e| format!("{e:#}"))?;
         let Some(command) = command else { return Ok(None) };
         let mut spec = self.spec(command, timeout)?;
         spec.kill_grace = spec.kill_grace.min(Duration::from_millis(500));
@@ -141,21 +134,31 @@ impl Service {
     pub async fn call(&self, request: &Request, cancel: &CancellationToken) -> Outcome {
         let name = &self.config.name;
         let wit_request = match self.wit_request(request) {
-            Ok(r) => Arc::new(r),
+            Ok(r) => r,
             Err(message) => return self.fail(FailureKind::InvalidRequest, format!("service {name}: {message}")),
         };
-        // One hop to a worker thread builds the command and starts it (see process::start).
-        let begun = {
-            let (service, req) = (self.clone(), wit_request.clone());
-            let timeout = request.timeout.unwrap_or(self.config.limits.timeout);
-            tokio::task::spawn_blocking(move || service.begin(&req, timeout)).await
+        let command = match self.plugin.build_command(&self.view, &wit_request).await {
+            Ok(Ok(command)) => command,
+            Ok(Err(failure)) => return Outcome::failed(name, plugin_failure(failure)),
+            Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: {e:#}")),
         };
-        let (started, spec) = match begun {
-            Ok(Ok(begun)) => begun,
-            Ok(Err(failed)) => return failed,
-            Err(e) => return self.fail(FailureKind::PluginError, format!("service {name}: building the command failed: {e}")),
+        let spec = match self.spec(command, request.timeout.unwrap_or(self.config.limits.timeout)) {
+            Ok(spec) => spec,
+            Err(why) => return self.fail(FailureKind::PluginError, format!("service {name}: {why}")),
         };
-        let finished = process::finish(started, &spec, cancel).await;
+        let finished = match process::run(&spec, cancel).await {
+            Ok(finished) => finished,
+            Err(e) => {
+                let (kind, hint) = match e {
+                    SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => {
+                        (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
+                    }
+                    SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
+                    SpawnError::Other { .. } => (FailureKind::Other, ""),
+                };
+                return self.fail(kind, format!("service {name}: {e}{hint}"));
+            }
+        };
         let (exit_code, signal) = match finished.status {
             Status::Code(c) => (Some(c), None),
             Status::Signal(s) => (None, Some(s)),
@@ -206,11 +209,7 @@ impl Service {
             stdout_truncated: finished.stdout_truncated,
             stderr_truncated: finished.stderr_truncated,
         };
-        let parsed = {
-            let (plugin, view, req) = (self.plugin.clone(), self.view.clone(), wit_request.clone());
-            blocking(move || plugin.parse_output(&view, &req, &output)).await
-        };
-        match parsed {
+        match self.plugin.parse_output(&self.view, &wit_request, &output).await {
             Ok(Ok(response)) => {
                 outcome.success = true;
                 outcome.tokens = tokens(response.usage, &request.prompt, &response.text);
@@ -222,31 +221,6 @@ impl Service {
             Err(e) => outcome.error = Some(Failure::new(FailureKind::PluginError, format!("service {name}: {e:#}"))),
         }
         outcome
-    }
-
-    /// The plugin builds the command and it is started: the part of an attempt that blocks
-    /// (a plugin call, the spawn). The started process with its spec, or the failed outcome.
-    fn begin(&self, request: &wit::Request, timeout: Duration) -> Result<(process::Started, process::Spec), Outcome> {
-        let name = &self.config.name;
-        let command = match self.plugin.build_command(&self.view, request) {
-            Ok(Ok(command)) => command,
-            Ok(Err(failure)) => return Err(Outcome::failed(name, plugin_failure(failure))),
-            Err(e) => return Err(self.fail(FailureKind::PluginError, format!("service {name}: {e:#}"))),
-        };
-        let spec = self.spec(command, timeout).map_err(|why| self.fail(FailureKind::PluginError, format!("service {name}: {why}")))?;
-        match process::start(&spec) {
-            Ok(started) => Ok((started, spec)),
-            Err(e) => {
-                let (kind, hint) = match e {
-                    SpawnError::NotFound(_) | SpawnError::NotExecutable(_) => {
-                        (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
-                    }
-                    SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
-                    SpawnError::Other { .. } => (FailureKind::Other, ""),
-                };
-                Err(self.fail(kind, format!("service {name}: {e}{hint}")))
-            }
-        }
     }
 
     /// The request as the plugin sees it: files with their contents when it asks for them.

@@ -63,6 +63,21 @@ fn a_slow_plugin_call_beyond_its_time_limit_is_stopped() {
 }
 
 #[test]
+fn a_plugin_blocked_in_a_sleep_is_stopped_after_ten_times_its_time_limit() {
+    let message = plugin_error(&misbehaving("sleep", "plugin_time = \"20ms\""));
+    assert!(message.contains("longer than 200ms of wall time in build-command"), "{message}");
+}
+
+#[test]
+fn a_looping_plugin_does_not_hold_up_another_service_in_a_fan_out() {
+    let sandbox = misbehaving("loop", "plugin_time = \"3s\"");
+    let run = sandbox.run(&["run", "bad,good", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let services: Vec<String> = run.stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["service"].to_string()).collect();
+    assert_eq!(services, ["\"good\"", "\"bad\""], "the good service answers while the bad plugin loops: {run:?}");
+}
+
+#[test]
 fn a_plugin_that_allocates_too_much_is_stopped_by_its_memory_limit() {
     let message = plugin_error(&misbehaving("alloc", "plugin_memory = \"16MiB\""));
     assert!(message.contains("memory limit of 16 MiB"), "{message}");

@@ -42,6 +42,11 @@ fn misbehave(mode: &str, phase: &str) -> Option<Command> {
             }
             None
         }
+        "sleep" => {
+            // Blocked in a WASI call, not computing: only a wall-time limit can end this.
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+            None
+        }
         "alloc" => {
             let big = vec![1u8; 1 << 30];
             std::hint::black_box(&big);
