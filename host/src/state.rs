@@ -284,28 +284,24 @@ impl State {
         }
     }
 
-    /// Counts commits; every so often, checkpoints a WAL that has grown long (a long batch
-    /// would otherwise grow it without end: the automatic checkpoint is off, as it would
-    /// wait on the disk in whichever commit happened to trigger it).
+    /// Counts commits; every `CHECKPOINT_EVERY`, checkpoints the WAL (a long batch would
+    /// otherwise grow it without end: the automatic checkpoint is off, as it would wait on
+    /// the disk in whichever commit happened to trigger it). The checkpoint restarts the WAL
+    /// rather than truncating it, so later commits overwrite pages the file already has
+    /// instead of growing it page by page again.
     fn committed(&self, conn: &Connection, may_wait: bool) {
         let commits = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
-        let due = self.checkpoint_due.load(Ordering::Relaxed);
-        if !due && !commits.is_multiple_of(CHECKPOINT_CHECK_EVERY) {
-            return;
-        }
-        if !due && self.wal_len() <= WAL_RUNNING_CHECKPOINT_BYTES {
-            return;
-        }
-        if !may_wait {
-            // Not here: the next write that may wait does it.
+        if self.path.is_some() && commits.is_multiple_of(CHECKPOINT_EVERY) {
             self.checkpoint_due.store(true, Ordering::Relaxed);
+        }
+        // Not in place: the next write that may wait does it.
+        if !may_wait || !self.checkpoint_due.swap(false, Ordering::Relaxed) {
             return;
         }
-        self.checkpoint_due.store(false, Ordering::Relaxed);
-        // Truncating needs a moment with no reader; if other processes are reading, what
-        // could be copied is, and the file shrinks at a later look.
+        // Restarting needs a moment with no reader; if other processes are reading, what
+        // could be copied is, and the WAL restarts at a later checkpoint.
         let _ = conn.busy_timeout(Duration::ZERO);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
             tracing::debug!("state checkpoint incomplete: {e}");
         }
         let _ = conn.busy_timeout(BUSY_TIMEOUT);
@@ -333,13 +329,10 @@ impl Drop for State {
     }
 }
 
-/// How many commits pass between looks at the WAL's length.
-const CHECKPOINT_CHECK_EVERY: u64 = 256;
-
-/// A running process checkpoints the WAL once it is longer than this: less often than at
-/// open, as each checkpoint costs a few milliseconds with its fsync. (It checkpoints again
-/// when it is done, so the next process to open the file finds the WAL short.)
-const WAL_RUNNING_CHECKPOINT_BYTES: u64 = 4 << 20;
+/// How many commits pass between checkpoints of a running process: a few MiB of WAL, as
+/// each checkpoint costs a few milliseconds with its fsync. (The store truncates the WAL
+/// when it closes, so the next process to open the file finds it short.)
+const CHECKPOINT_EVERY: u64 = 256;
 
 fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
@@ -528,7 +521,8 @@ mod tests {
             }
             largest = largest.max(wal());
         }
-        assert!(largest < 2 * WAL_RUNNING_CHECKPOINT_BYTES, "the WAL grew to {largest} bytes");
+        // A commit here writes a few 4 KiB pages; the WAL holds at most CHECKPOINT_EVERY commits.
+        assert!(largest < CHECKPOINT_EVERY * 8 * 4096, "the WAL grew to {largest} bytes");
         drop(state);
         assert_eq!(wal(), 0, "closing the store truncates the WAL");
         let state = State::open(&path).unwrap();
