@@ -23,10 +23,3 @@ pub mod service;
 pub mod state;
 pub mod ui;
 pub mod report;
-
-/// Runs blocking work (a plugin call, a state transaction that may wait on another
-/// process's lock) off the async threads.
-pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    use anyhow::Context;
-    tokio::task::spawn_blocking(f).await.context("a blocking task panicked")?
-}

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::clock::Millis;
 
@@ -113,8 +113,11 @@ pub struct State {
     path: Option<PathBuf>,
     /// Commits made through this store, to look at the WAL's length now and then.
     commits: AtomicU64,
-    /// The WAL is long: the next write that may wait checkpoints it.
+    /// A checkpoint is due: the next write that may wait does it.
     checkpoint_due: AtomicBool,
+    /// Transactions this process's tasks asked for (see [`State::write_soon`]) and that
+    /// have not run yet; they run together, in one transaction.
+    pending: Mutex<Vec<Box<dyn Queued>>>,
 }
 
 impl State {
@@ -148,7 +151,13 @@ impl State {
     }
 
     fn new(conn: Connection, path: Option<PathBuf>) -> State {
-        State { conn: Mutex::new(conn), path, commits: AtomicU64::new(0), checkpoint_due: AtomicBool::new(false) }
+        State {
+            conn: Mutex::new(conn),
+            path,
+            commits: AtomicU64::new(0),
+            checkpoint_due: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -216,64 +225,98 @@ impl State {
         Ok(transaction(&conn, "BEGIN DEFERRED", f)?)
     }
 
-    /// Like [`State::write`], but never waits: `Ok(None)` when the connection is in use by
-    /// another thread, another process holds the write lock, or a checkpoint is due (which
-    /// may wait on the disk). The caller then uses [`State::write`] off the async threads.
-    /// `f` has not taken effect when this gives `Ok(None)`.
-    pub fn try_write<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<Option<T>> {
-        if self.checkpoint_due.load(Ordering::Relaxed) {
-            return Ok(None);
-        }
-        let Some(conn) = self.try_lock() else { return Ok(None) };
-        conn.busy_timeout(Duration::ZERO)?;
-        let result = transaction(&conn, "BEGIN IMMEDIATE", f);
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        match result {
-            Err(e) if is_busy(&e) => Ok(None),
-            Err(e) => Err(e.into()),
-            Ok(value) => {
-                self.committed(&conn, false);
-                Ok(Some(value))
-            }
-        }
-    }
-
-    /// Like [`State::read`], but never waits: `Ok(None)` when it would have to.
-    pub fn try_read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<Option<T>> {
-        let Some(conn) = self.try_lock() else { return Ok(None) };
-        conn.busy_timeout(Duration::ZERO)?;
-        let result = transaction(&conn, "BEGIN DEFERRED", f);
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        match result {
-            Err(e) if is_busy(&e) => Ok(None),
-            other => Ok(Some(other?)),
-        }
-    }
-
-    /// Runs a write transaction on the calling (async) thread when that needs no waiting,
-    /// and on a worker thread otherwise.
+    /// A write transaction for an async task: `f` runs together with the other transactions
+    /// this process's tasks ask for meanwhile, in one transaction (one commit, one set of
+    /// WAL frames for them all), on the async thread when that needs no waiting and on a
+    /// worker thread otherwise. `f` may run more than once; only one run takes effect.
     pub async fn write_soon<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        if let Some(value) = self.try_write(&f)? {
-            return Ok(value);
-        }
-        let state = self.clone();
-        crate::blocking(move || state.write(f)).await
+        self.queue(f, true).await
     }
 
-    /// Runs a read transaction on the calling (async) thread when that needs no waiting, and
-    /// on a worker thread otherwise.
+    /// A read transaction for an async task, done together with others like
+    /// [`State::write_soon`]; it sees a consistent snapshot.
     pub async fn read_soon<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T> {
-        if let Some(value) = self.try_read(&f)? {
-            return Ok(value);
+        self.queue(f, false).await
+    }
+
+    async fn queue<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl Fn(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        writes: bool,
+    ) -> Result<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let first = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            pending.push(Box::new(Work { f, writes, outcome: None, reply }));
+            pending.len() == 1
+        };
+        if first {
+            // A task of its own, so that a caller that stops waiting strands no one.
+            tokio::spawn(self.clone().flush());
         }
+        answer.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the state transaction was abandoned (its task panicked)")))
+    }
+
+    /// Runs what is pending: after the tasks that are ready now (and those that the next
+    /// look for I/O wakes) have had their turn to add to it.
+    async fn flush(self: Arc<Self>) {
+        tokio::task::yield_now().await;
+        let mut group = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        if group.is_empty() {
+            return;
+        }
+        let writes = group.iter().any(|w| w.writes());
+        let in_place = (!writes || !self.checkpoint_due.load(Ordering::Relaxed))
+            .then(|| self.try_lock())
+            .flatten()
+            .and_then(|conn| {
+                conn.busy_timeout(Duration::ZERO).ok()?;
+                let result = run_group(&conn, &mut group, writes);
+                conn.busy_timeout(BUSY_TIMEOUT).ok()?;
+                result.ok()?;
+                if writes {
+                    self.committed(&conn, false);
+                }
+                Some(())
+            });
+        if in_place.is_some() {
+            group.into_iter().for_each(|w| w.deliver(None));
+            return;
+        }
+        // Busy (another process writes, a checkpoint is due) or failed: the waiting way.
         let state = self.clone();
-        crate::blocking(move || state.read(f)).await
+        let _ = tokio::task::spawn_blocking(move || state.run_waiting(group, writes)).await;
+    }
+
+    /// Runs a group in one transaction, waiting for the locks as [`State::write`] does; if
+    /// that fails, each in a transaction of its own, so that one failure fails only its own.
+    fn run_waiting(&self, mut group: Vec<Box<dyn Queued>>, writes: bool) {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if run_group(&conn, &mut group, writes).is_ok() {
+            if writes {
+                self.committed(&conn, true);
+            }
+            group.into_iter().for_each(|w| w.deliver(None));
+            return;
+        }
+        for mut work in group {
+            let writes = work.writes();
+            match run_group(&conn, std::slice::from_mut(&mut work), writes) {
+                Ok(()) => {
+                    if writes {
+                        self.committed(&conn, true);
+                    }
+                    work.deliver(None);
+                }
+                Err(e) => work.deliver(Some(e)),
+            }
+        }
     }
 
     fn try_lock(&self) -> Option<std::sync::MutexGuard<'_, Connection>> {
@@ -334,8 +377,49 @@ impl Drop for State {
 /// when it closes, so the next process to open the file finds it short.)
 const CHECKPOINT_EVERY: u64 = 256;
 
-fn is_busy(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if matches!(f.code, ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked))
+
+/// Runs every piece of work of `group` in one transaction: a write transaction if any of
+/// them writes. The first failure rolls it all back.
+fn run_group(conn: &Connection, group: &mut [Box<dyn Queued>], writes: bool) -> rusqlite::Result<()> {
+    let begin = if writes { "BEGIN IMMEDIATE" } else { "BEGIN DEFERRED" };
+    transaction(conn, begin, |conn| group.iter_mut().try_for_each(|work| work.run(conn)))
+}
+
+/// A transaction's work waiting in [`State::pending`], with the task waiting for its result.
+trait Queued: Send {
+    fn writes(&self) -> bool;
+    /// Runs the work within the open transaction, keeping its result.
+    fn run(&mut self, conn: &Connection) -> rusqlite::Result<()>;
+    /// Hands the kept result over, or `failed` when the transaction did not commit.
+    fn deliver(self: Box<Self>, failed: Option<rusqlite::Error>);
+}
+
+struct Work<T, F> {
+    f: F,
+    writes: bool,
+    outcome: Option<T>,
+    reply: tokio::sync::oneshot::Sender<Result<T>>,
+}
+
+impl<T: Send, F: Fn(&Connection) -> rusqlite::Result<T> + Send> Queued for Work<T, F> {
+    fn writes(&self) -> bool {
+        self.writes
+    }
+
+    fn run(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        self.outcome = Some((self.f)(conn)?);
+        Ok(())
+    }
+
+    fn deliver(self: Box<Self>, failed: Option<rusqlite::Error>) {
+        let result = match (failed, self.outcome) {
+            (Some(e), _) => Err(e.into()),
+            (None, Some(value)) => Ok(value),
+            (None, None) => Err(anyhow::anyhow!("the state transaction did not run")),
+        };
+        // The task may have stopped waiting (cancelled): then nobody needs the result.
+        let _ = self.reply.send(result);
+    }
 }
 
 /// Runs `f` between `begin` and a commit (a rollback when it fails), with cached statements.
@@ -506,19 +590,20 @@ mod tests {
         assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 300);
     }
 
-    #[test]
-    fn a_long_running_store_keeps_its_wal_bounded_and_leaves_it_empty() {
+    fn row(i: i64) -> AttemptRow {
+        AttemptRow { service: "s".into(), started_ms: i, outcome: OK.into(), spawned: true, ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_long_running_store_keeps_its_wal_bounded_and_leaves_it_empty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
         let wal = || std::fs::metadata(dir.path().join("state.db-wal")).map(|m| m.len()).unwrap_or(0);
         let state = State::open(&path).unwrap();
         let mut largest = 0;
         for i in 0..3000 {
-            // As the dispatcher does: in place when that needs no waiting, else the waiting way.
-            let row = AttemptRow { service: "s".into(), started_ms: i, outcome: OK.into(), spawned: true, ..Default::default() };
-            if state.try_write(|tx| insert_attempt(tx, &row)).unwrap().is_none() {
-                state.write(|tx| insert_attempt(tx, &row)).unwrap();
-            }
+            let row = row(i);
+            state.write_soon(move |tx| insert_attempt(tx, &row)).await.unwrap();
             largest = largest.max(wal());
         }
         // A commit here writes a few 4 KiB pages; the WAL holds at most CHECKPOINT_EVERY commits.
@@ -529,16 +614,56 @@ mod tests {
         assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 3000);
     }
 
-    #[test]
-    fn a_write_that_would_wait_for_another_writer_is_not_done_in_place() {
+    #[tokio::test]
+    async fn writes_asked_for_together_commit_together() {
+        let state = State::in_memory().unwrap();
+        let writes: Vec<_> = (0..10).map(|i| {
+            let (state, row) = (state.clone(), row(i));
+            tokio::spawn(async move { state.write_soon(move |tx| insert_attempt(tx, &row)).await })
+        }).collect();
+        for write in writes {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(state.commits.load(Ordering::Relaxed), 1, "one commit for the ten writes");
+        assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_fails_alone_when_others_go_with_it() {
+        let state = State::in_memory().unwrap();
+        let bad = {
+            let state = state.clone();
+            tokio::spawn(async move { state.write_soon(|tx| tx.execute("INSERT INTO nowhere VALUES (1)", [])).await })
+        };
+        let good: Vec<_> = (0..3).map(|i| {
+            let (state, row) = (state.clone(), row(i));
+            tokio::spawn(async move { state.write_soon(move |tx| insert_attempt(tx, &row)).await })
+        }).collect();
+        let error = bad.await.unwrap().unwrap_err();
+        assert!(format!("{error:#}").contains("nowhere"), "{error:#}");
+        for write in good {
+            write.await.unwrap().unwrap();
+        }
+        assert_eq!(state.read(|tx| attempts_since(tx, 0)).unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_write_waiting_for_another_process_does_not_stall_the_async_thread() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("state.db");
-        let (ours, theirs) = (State::open(&path).unwrap(), State::open(&path).unwrap());
-        let row = AttemptRow { service: "s".into(), started_ms: 1, outcome: OK.into(), spawned: true, ..Default::default() };
-        let in_place = theirs.write(|_| Ok(ours.try_write(|tx| insert_attempt(tx, &row)).unwrap())).unwrap();
-        assert_eq!(in_place, None, "another connection held the write lock");
-        assert!(ours.try_write(|tx| insert_attempt(tx, &row)).unwrap().is_some(), "free again");
-        assert_eq!(ours.read(|tx| attempts_since(tx, 0)).unwrap().len(), 1, "the refused write left nothing");
+        let ours = State::open(&path).unwrap();
+        let theirs = Connection::open(&path).unwrap();
+        theirs.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = {
+            let ours = ours.clone();
+            tokio::spawn(async move { ours.write_soon(|tx| insert_attempt(tx, &row(1))).await })
+        };
+        // The async thread keeps running other tasks meanwhile.
+        let ticked = tokio::time::timeout(Duration::from_secs(5), tokio::time::sleep(Duration::from_millis(100))).await;
+        assert!(ticked.is_ok() && !write.is_finished(), "the write waits for the lock, not the thread");
+        theirs.execute_batch("COMMIT").unwrap();
+        write.await.unwrap().unwrap();
+        assert_eq!(ours.read(|tx| attempts_since(tx, 0)).unwrap().len(), 1);
     }
 
     #[test]
