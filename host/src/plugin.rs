@@ -38,8 +38,10 @@ pub const CONTRACT_VERSION: &str = "0.1.0";
 /// How often the epoch ticks; plugin CPU deadlines are counted in ticks.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// Plugin calls that may run at once in one process; more wait for a free slot.
-const PLUGIN_SLOTS: usize = 64;
+/// Plugin calls that may be in progress at once in one process; more wait for a free slot.
+/// Calls run on the async thread and most end within microseconds; only calls that compute
+/// for longer than an epoch tick (and yield) are in progress together.
+const PLUGIN_SLOTS: usize = 16;
 
 /// However a call spends its time (computing, or blocked in a WASI call such as a sleep),
 /// it ends after this many times its CPU limit in wall time.
