@@ -78,6 +78,19 @@ fn a_looping_plugin_does_not_hold_up_another_service_in_a_fan_out() {
 }
 
 #[test]
+fn more_slow_plugin_calls_than_instance_slots_wait_for_a_slot_and_all_answer() {
+    // Each call computes until 40 ms have passed, yielding every epoch tick: the 20 calls
+    // are in progress together, more than the runtime has instance slots.
+    let config: String = (0..20)
+        .map(|i| format!("[services.s{i:02}]\nplugin = \"@MISBEHAVE@\"\ncommand = \"echo\"\nsettings = {{ mode = \"slow\" }}\n\n"))
+        .collect();
+    let sandbox = Sandbox::new(&config);
+    let run = sandbox.run(&["run", "all", "--json", "x"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 20, "{run:?}");
+}
+
+#[test]
 fn a_plugin_that_allocates_too_much_is_stopped_by_its_memory_limit() {
     let message = plugin_error(&misbehaving("alloc", "plugin_memory = \"16MiB\""));
     assert!(message.contains("memory limit of 16 MiB"), "{message}");
