@@ -111,8 +111,11 @@ impl BreakerRow {
 pub struct State {
     conn: Mutex<Connection>,
     path: Option<PathBuf>,
-    /// Commits made through this store, to look at the WAL's length now and then.
+    /// Commits made through this store, to checkpoint the WAL now and then.
     commits: AtomicU64,
+    /// Transactions asked for through `write_soon`/`read_soon`, and the groups they ran in.
+    queued: AtomicU64,
+    groups: AtomicU64,
     /// A checkpoint is due: the next write that may wait does it.
     checkpoint_due: AtomicBool,
     /// Transactions this process's tasks asked for (see [`State::write_soon`]) and that
@@ -155,6 +158,8 @@ impl State {
             conn: Mutex::new(conn),
             path,
             commits: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            groups: AtomicU64::new(0),
             checkpoint_due: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
         }
@@ -271,6 +276,8 @@ impl State {
         if group.is_empty() {
             return;
         }
+        self.queued.fetch_add(group.len() as u64, Ordering::Relaxed);
+        self.groups.fetch_add(1, Ordering::Relaxed);
         let writes = group.iter().any(|w| w.writes());
         let in_place = (!writes || !self.checkpoint_due.load(Ordering::Relaxed))
             .then(|| self.try_lock())
@@ -362,6 +369,10 @@ impl State {
 impl Drop for State {
     /// A long-running process leaves the WAL short for the next one to open.
     fn drop(&mut self) {
+        let (queued, groups) = (self.queued.load(Ordering::Relaxed), self.groups.load(Ordering::Relaxed));
+        if groups > 0 {
+            tracing::debug!("state: {queued} transactions ran in {groups} groups ({:.1} each)", queued as f64 / groups as f64);
+        }
         if self.wal_len() > WAL_CHECKPOINT_BYTES {
             let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
             let _ = conn.busy_timeout(Duration::ZERO);
