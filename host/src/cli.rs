@@ -173,8 +173,9 @@ pub fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    // One async thread: it starts fastest, and measured faster for batches too (plugin calls
-    // and state transactions run on the blocking pool's threads).
+    // One async thread: it starts fastest, and measured faster for batches too than a
+    // multi-threaded runtime. Plugin calls run on it (yielding while they compute); spawns,
+    // and state transactions that must wait for a lock, run on the blocking pool's threads.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let result = match runtime {
         Ok(rt) => rt.block_on(dispatch(cli)),
