@@ -80,7 +80,7 @@ fn batch_vs_xargs(dir: &Path) {
     drop(file);
     measure(host(dir).args(["run", "true", "warm-up"]));
 
-    // Three interleaved rounds; the medians are compared (single runs vary by ~10% here).
+    // Interleaved rounds; the medians are compared (single runs vary by ~10% here).
     let results = dir.join("results.jsonl");
     let (mut hosts, mut xargs, mut bares, mut host_cpu, mut bare_cpu, mut rss) = (vec![], vec![], vec![], vec![], vec![], 0);
     for _ in 0..ROUNDS {
@@ -112,7 +112,7 @@ fn batch_vs_xargs(dir: &Path) {
     println!("  host / xargs = {:.2}x, host / bare tokio = {:.2}x, bare tokio / xargs = {:.2}x", rate(h) / rate(x), rate(h) / rate(b), rate(b) / rate(x));
 }
 
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn median(values: &mut [Duration]) -> Duration {
     values.sort();
