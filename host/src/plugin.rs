@@ -4,11 +4,14 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, ResourceTable};
+use wasmtime::component::{
+    Component, ComponentExportIndex, ComponentNamedList, Instance, InstancePre, Lift, Linker, Lower, ResourceTable, TypedFunc,
+};
 use tokio::sync::Semaphore;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -90,7 +93,7 @@ pub struct Runtime {
     /// One permit per instance the pool holds: a call waits for an instance rather than
     /// failing for want of one.
     slots: Arc<Semaphore>,
-    prepared: std::sync::Mutex<std::collections::HashMap<PluginSource, ServicePluginPre<State>>>,
+    prepared: std::sync::Mutex<std::collections::HashMap<PluginSource, Arc<Prepared>>>,
 }
 
 /// Store state of one call: a WASI context that grants nothing, the limiter, and the CPU
@@ -178,20 +181,20 @@ impl Runtime {
     pub fn load(&self, source: &PluginSource, limits: PluginLimits) -> Result<Plugin> {
         // Services sharing a plugin share its compiled, linked form; only limits differ.
         let mut prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
-        let pre = match prepared.get(source) {
-            Some(pre) => pre.clone(),
+        let prepared = match prepared.get(source) {
+            Some(p) => p.clone(),
             None => {
-                let pre = self.prepare(source)?;
-                prepared.insert(source.clone(), pre.clone());
-                pre
+                let p = Arc::new(self.prepare(source)?);
+                prepared.insert(source.clone(), p.clone());
+                p
             }
         };
         Ok(Plugin {
-            inner: Arc::new(Loaded { pre, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
+            inner: Arc::new(Loaded { prepared, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
         })
     }
 
-    fn prepare(&self, source: &PluginSource) -> Result<ServicePluginPre<State>> {
+    fn prepare(&self, source: &PluginSource) -> Result<Prepared> {
         let (bytes, digest): (std::borrow::Cow<'static, [u8]>, String) = match source {
             PluginSource::Builtin(name) => {
                 let (bytes, digest) = builtin(name).ok_or_else(|| anyhow!("no built-in plugin called `{name}`"))?;
@@ -207,9 +210,21 @@ impl Runtime {
         check_contract(&self.engine, &component).with_context(|| format!("plugin {source}"))?;
         let pre = any(self.linker.instantiate_pre(&component))
             .with_context(|| format!("plugin {source} imports something this host does not provide (only WASI p2 is available)"))?;
-        let pre = any(ServicePluginPre::new(pre))
-            .with_context(|| format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract"))?;
-        Ok(pre)
+        let not_matching = || format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract");
+        // The bindings' own check that every contract function is exported.
+        any(ServicePluginPre::new(pre.clone())).with_context(not_matching)?;
+        let interface = format!("{CONTRACT}@{CONTRACT_VERSION}");
+        let component = pre.component();
+        let contract = component.get_export_index(None, &interface).with_context(not_matching)?;
+        let export = |name: &str| component.get_export_index(Some(&contract), name).map(Export::new).with_context(not_matching);
+        Ok(Prepared {
+            info: export("info")?,
+            validate: export("validate")?,
+            build_command: export("build-command")?,
+            parse_output: export("parse-output")?,
+            health_command: export("health-command")?,
+            pre,
+        })
     }
 
     /// Compiles, or deserializes what an earlier compile of the same bytes left in the cache.
@@ -285,8 +300,54 @@ fn check_contract(engine: &Engine, component: &Component) -> Result<()> {
     )
 }
 
+/// A plugin compiled and linked, ready to instantiate, with its contract functions.
+struct Prepared {
+    pre: InstancePre<State>,
+    info: Export,
+    validate: Export,
+    build_command: Export,
+    parse_output: Export,
+    health_command: Export,
+}
+
+/// A function of the contract that a plugin exports: where it is, and whether its type has
+/// been checked against the host's signature for it. The check runs once per plugin (the
+/// generated bindings would run it for every function at every instantiation).
+struct Export {
+    index: ComponentExportIndex,
+    checked: AtomicBool,
+}
+
+impl Export {
+    fn new(index: ComponentExportIndex) -> Export {
+        Export { index, checked: AtomicBool::new(false) }
+    }
+
+    /// The function in `instance`, typed. Each `Export` must be used with one signature
+    /// only (each has one call site, in [`Plugin`]'s methods), which is what makes skipping
+    /// the check after the first time sound.
+    fn typed<P, R>(&self, store: &mut Store<State>, instance: &Instance) -> wasmtime::Result<TypedFunc<P, R>>
+    where
+        P: ComponentNamedList + Lower,
+        R: ComponentNamedList + Lift,
+    {
+        if self.checked.load(Ordering::Acquire) {
+            let func = instance
+                .get_func(&mut *store, self.index)
+                .ok_or_else(|| wasmtime::format_err!("a contract function vanished from its plugin"))?;
+            // SAFETY: the same export of the same component was typechecked as
+            // `TypedFunc<P, R>` by `get_typed_func` below before `checked` was set, and
+            // this `Export` is only ever used with that `P` and `R` (see above).
+            return Ok(unsafe { TypedFunc::new_unchecked(func) });
+        }
+        let typed = instance.get_typed_func::<P, R>(&mut *store, self.index)?;
+        self.checked.store(true, Ordering::Release);
+        Ok(typed)
+    }
+}
+
 struct Loaded {
-    pre: ServicePluginPre<State>,
+    prepared: Arc<Prepared>,
     engine: Engine,
     source: PluginSource,
     limits: PluginLimits,
@@ -297,14 +358,16 @@ struct Loaded {
 /// store (see [`Plugin::store`]), runs `$call` within the wall-time limit, and explains a
 /// failure (see [`Plugin::finish`]).
 macro_rules! call {
-    ($plugin:expr, $function:literal, |$p:ident, $s:ident| $call:expr) => {{
+    ($plugin:expr, $function:literal, |$export:ident, $store:ident, $instance:ident| $body:block) => {{
         let plugin: &Plugin = $plugin;
         let _slot = plugin.inner.slots.acquire().await.context("the plugin runtime is shutting down")?;
         let (mut store, stderr) = plugin.store();
         let run = async {
-            let instance = plugin.inner.pre.instantiate_async(&mut store).await?;
-            let ($p, $s) = (&instance, &mut store);
-            $call.await
+            let $export = &*plugin.inner.prepared;
+            let $instance = $export.pre.instantiate_async(&mut store).await?;
+            let $store = &mut store;
+            let result: wasmtime::Result<_> = $body;
+            result
         };
         let result = tokio::time::timeout(plugin.wall_limit(), run).await.ok();
         plugin.finish($function, &store, &stderr, result)
@@ -324,15 +387,26 @@ impl Plugin {
     }
 
     pub async fn info(&self) -> Result<wit::PluginInfo> {
-        call!(self, "info", |p, s| p.exechost_service_plugin().call_info(s))
+        call!(self, "info", |export, store, instance| {
+            let f = export.info.typed::<(), (wit::PluginInfo,)>(store, &instance)?;
+            Ok(f.call_async(store, ()).await?.0)
+        })
     }
 
     pub async fn validate(&self, service: &wit::Service) -> Result<Result<(), String>> {
-        call!(self, "validate", |p, s| p.exechost_service_plugin().call_validate(s, service))
+        call!(self, "validate", |export, store, instance| {
+            let f = export.validate.typed::<(&wit::Service,), (Result<(), String>,)>(store, &instance)?;
+            Ok(f.call_async(store, (service,)).await?.0)
+        })
     }
 
     pub async fn build_command(&self, service: &wit::Service, request: &wit::Request) -> Result<Result<wit::Command, wit::Failure>> {
-        call!(self, "build-command", |p, s| p.exechost_service_plugin().call_build_command(s, service, request))
+        call!(self, "build-command", |export, store, instance| {
+            let f = export
+                .build_command
+                .typed::<(&wit::Service, &wit::Request), (Result<wit::Command, wit::Failure>,)>(store, &instance)?;
+            Ok(f.call_async(store, (service, request)).await?.0)
+        })
     }
 
     pub async fn parse_output(
@@ -341,11 +415,19 @@ impl Plugin {
         request: &wit::Request,
         output: &wit::Output,
     ) -> Result<Result<wit::Response, wit::Failure>> {
-        call!(self, "parse-output", |p, s| p.exechost_service_plugin().call_parse_output(s, service, request, output))
+        call!(self, "parse-output", |export, store, instance| {
+            let f = export
+                .parse_output
+                .typed::<(&wit::Service, &wit::Request, &wit::Output), (Result<wit::Response, wit::Failure>,)>(store, &instance)?;
+            Ok(f.call_async(store, (service, request, output)).await?.0)
+        })
     }
 
     pub async fn health_command(&self, service: &wit::Service) -> Result<Option<wit::Command>> {
-        call!(self, "health-command", |p, s| p.exechost_service_plugin().call_health_command(s, service))
+        call!(self, "health-command", |export, store, instance| {
+            let f = export.health_command.typed::<(&wit::Service,), (Option<wit::Command>,)>(store, &instance)?;
+            Ok(f.call_async(store, (service,)).await?.0)
+        })
     }
 
     /// A fresh store with no capabilities and the limits: its stderr is kept, and every
