@@ -18,6 +18,7 @@ const PLUGINS: &[(&str, &str)] = &[
     ("llm-plugin", "llm_plugin"),
     ("misbehave-plugin", "misbehave_plugin"),
     ("future-plugin", "future_plugin"),
+    ("mistyped-plugin", "mistyped_plugin"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

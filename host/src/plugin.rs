@@ -340,7 +340,9 @@ impl Export {
             // this `Export` is only ever used with that `P` and `R` (see above).
             return Ok(unsafe { TypedFunc::new_unchecked(func) });
         }
-        let typed = instance.get_typed_func::<P, R>(&mut *store, self.index)?;
+        let typed = instance
+            .get_typed_func::<P, R>(&mut *store, self.index)
+            .map_err(|e| wasmtime::format_err!("does not match the exechost:service@{CONTRACT_VERSION} contract ({e})"))?;
         self.checked.store(true, Ordering::Release);
         Ok(typed)
     }
@@ -355,7 +357,7 @@ struct Loaded {
 }
 
 /// One plugin call: waits for a free instance slot, instantiates the plugin in a fresh
-/// store (see [`Plugin::store`]), runs `$call` within the wall-time limit, and explains a
+/// store (see [`Plugin::store`]), runs `$body` within the wall-time limit, and explains a
 /// failure (see [`Plugin::finish`]).
 macro_rules! call {
     ($plugin:expr, $function:literal, |$export:ident, $store:ident, $instance:ident| $body:block) => {{

@@ -214,6 +214,13 @@ fn a_corrupt_cache_entry_is_recompiled() {
 }
 
 #[test]
+fn a_plugin_whose_contract_functions_have_the_wrong_types_is_refused() {
+    let sandbox = with_plugin_file(&std::fs::read(common::built_plugin("mistyped_plugin")).unwrap());
+    let message = broken_message(&sandbox);
+    assert!(message.contains("does not match the exechost:service@0.1.0 contract") && message.contains("in info"), "{message}");
+}
+
+#[test]
 fn a_plugin_for_an_incompatible_contract_version_is_refused() {
     let sandbox = with_plugin_file(&std::fs::read(common::built_plugin("future_plugin")).unwrap());
     let message = broken_message(&sandbox);
