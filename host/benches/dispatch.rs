@@ -14,6 +14,8 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use exechost::cli::own_cpu_time;
+
 const HOST: &str = env!("CARGO_BIN_EXE_host");
 
 struct Measured {
@@ -65,19 +67,28 @@ fn fan_out(dir: &Path) {
     );
 }
 
+/// Writes `config` as the services.toml in `dir` and a jobs file `name` of `count` lines;
+/// returns the jobs file's path.
+fn batch_setup(dir: &Path, config: &str, name: &str, count: usize, line: impl Fn(usize) -> String) -> PathBuf {
+    std::fs::write(dir.join("services.toml"), config).unwrap();
+    let jobs = dir.join(name);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&jobs).unwrap());
+    for i in 0..count {
+        writeln!(file, "{}", line(i)).unwrap();
+    }
+    file.flush().unwrap();
+    jobs
+}
+
 fn batch_vs_xargs(dir: &Path) {
     const JOBS: usize = 5_000;
-    std::fs::write(
-        dir.join("services.toml"),
+    let jobs = batch_setup(
+        dir,
         "[services.true]\nplugin = \"template\"\ncommand = \"/bin/true\"\nsettings = { args = [\"{prompt}\"] }\n",
-    )
-    .unwrap();
-    let jobs = dir.join("jobs.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&jobs).unwrap());
-    for i in 0..JOBS {
-        writeln!(file, r#"{{"id": {i}, "service": "true", "prompt": "job {i}"}}"#).unwrap();
-    }
-    drop(file);
+        "jobs.jsonl",
+        JOBS,
+        |i| format!(r#"{{"id": {i}, "service": "true", "prompt": "job {i}"}}"#),
+    );
     measure(host(dir).args(["run", "true", "warm-up"]));
 
     // Interleaved rounds; the medians are compared (single runs vary by ~10% here).
@@ -99,9 +110,9 @@ fn batch_vs_xargs(dir: &Path) {
 
         xargs.push(measure(Command::new("sh").args(["-c", &format!("seq {JOBS} | xargs -P16 -n1 /bin/true")])).wall);
 
-        let cpu_before = own_cpu();
+        let cpu_before = own_cpu_time();
         bares.push(bare_tokio_loop(JOBS, 16));
-        bare_cpu.push((own_cpu() - cpu_before).as_secs_f64() * 1e6 / JOBS as f64);
+        bare_cpu.push((own_cpu_time() - cpu_before).as_secs_f64() * 1e6 / JOBS as f64);
     }
     let (h, x, b) = (median(&mut hosts), median(&mut xargs), median(&mut bares));
     let rate = |d: Duration| JOBS as f64 / d.as_secs_f64();
@@ -122,15 +133,6 @@ fn median(values: &mut [Duration]) -> Duration {
 fn median_f(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
-}
-
-/// User and system CPU time of this process.
-fn own_cpu() -> Duration {
-    // SAFETY: getrusage fills the zeroed struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 /// The floor: spawn the same command with captured output, `concurrency` at a time.
@@ -162,17 +164,13 @@ fn bare_tokio_loop(jobs: usize, concurrency: usize) -> Duration {
 
 fn million(dir: &Path) {
     const JOBS: usize = 1_000_000;
-    std::fs::write(
-        dir.join("services.toml"),
+    let jobs = batch_setup(
+        dir,
         "[services.absent]\nplugin = \"template\"\ncommand = \"exechost-bench-absent\"\nretry = { max_attempts = 1 }\nbreaker = { enabled = false }\n",
-    )
-    .unwrap();
-    let jobs = dir.join("million.jsonl");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&jobs).unwrap());
-    for i in 0..JOBS {
-        writeln!(file, r#"{{"id": {i}, "service": "absent", "prompt": "job number {i} with a prompt of some length"}}"#).unwrap();
-    }
-    drop(file);
+        "million.jsonl",
+        JOBS,
+        |i| format!(r#"{{"id": {i}, "service": "absent", "prompt": "job number {i} with a prompt of some length"}}"#),
+    );
     let results = dir.join("million-results.jsonl");
     let m = measure(host(dir).arg("batch").arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
     let written = std::fs::read_to_string(&results).unwrap().lines().count();

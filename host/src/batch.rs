@@ -267,19 +267,7 @@ pub async fn run(
         }
         Ok(())
     });
-    let mut pending = std::collections::VecDeque::new();
-    let mut items = futures::stream::poll_fn(move |cx| {
-        if let Some(item) = pending.pop_front() {
-            return std::task::Poll::Ready(Some(item));
-        }
-        match batches.poll_recv(cx) {
-            std::task::Poll::Ready(Some(batch)) => {
-                pending.extend(batch);
-                std::task::Poll::Ready(pending.pop_front())
-            }
-            other => other.map(|_| None),
-        }
-    });
+    let mut items = futures::stream::poll_fn(move |cx| batches.poll_recv(cx)).flat_map(futures::stream::iter);
 
     let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
     let seen: Mutex<std::collections::HashSet<u128>> = Mutex::new(done.into_iter().collect());

@@ -306,7 +306,7 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
 }
 
 /// User and system CPU time of this process (all its threads, not its children).
-fn own_cpu_time() -> Duration {
+pub fn own_cpu_time() -> Duration {
     // SAFETY: getrusage fills the zeroed struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
@@ -457,10 +457,9 @@ fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {
     if outcome.truncated {
         eprintln!("host: warning: service {}: output was longer than max_output and was truncated", outcome.service);
     }
-    if !json
-        && let Some(error) = &outcome.error {
-            eprintln!("host: {} failed ({}): {}", outcome.service, error.kind.as_str(), error.message);
-        }
+    if !json && let Some(error) = &outcome.error {
+        eprintln!("host: {} failed ({}): {}", outcome.service, error.kind.as_str(), error.message);
+    }
     Ok(())
 }
 

@@ -263,13 +263,15 @@ impl Config {
                 return Err(here(svc.command.span(), &name, "`command` must name a program".into()));
             }
             if let Some(model) = &svc.default_model
-                && !svc.models.is_empty() && !svc.models.contains(model.get_ref()) {
-                    return Err(here(
-                        model.span(),
-                        &name,
-                        format!("default_model `{}` is not one of `models` ({})", model.get_ref(), svc.models.join(", ")),
-                    ));
-                }
+                && !svc.models.is_empty()
+                && !svc.models.contains(model.get_ref())
+            {
+                return Err(here(
+                    model.span(),
+                    &name,
+                    format!("default_model `{}` is not one of `models` ({})", model.get_ref(), svc.models.join(", ")),
+                ));
+            }
             for key in svc.env.keys() {
                 if !valid_env_name(key.get_ref()) {
                     return Err(here(key.span(), &name, format!("`{}` is not a valid environment variable name", key.get_ref())));

@@ -53,9 +53,10 @@ async fn check(service: &Service, timeout: Duration, cancel: &CancellationToken)
         return Err(format!("not installed: command `{}` not found on PATH", config.command));
     }
     if let Some(var) = &config.auth_env
-        && std::env::var_os(var).is_none_or(|v| v.is_empty()) {
-            return Err(format!("auth: environment variable {var} is not set"));
-        }
+        && std::env::var_os(var).is_none_or(|v| v.is_empty())
+    {
+        return Err(format!("auth: environment variable {var} is not set"));
+    }
     let Some(finished) = service.health(timeout, cancel).await? else {
         return Ok(Some("no health command; the program is installed".into()));
     };

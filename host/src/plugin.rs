@@ -24,14 +24,11 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "service-plugin",
-        // Calls are async so that a plugin runs on the caller's task, yielding while it
-        // computes, instead of occupying a thread of its own.
-        exports: { default: async },
     });
 }
 
 pub use bindings::exechost::service::types as wit;
-use bindings::{ServicePlugin, ServicePluginPre};
+use bindings::ServicePlugin;
 
 /// The contract package and the versions of it this host accepts (semver-compatible 0.1.x).
 const CONTRACT: &str = "exechost:service/plugin";
@@ -190,7 +187,7 @@ impl Runtime {
             }
         };
         Ok(Plugin {
-            inner: Arc::new(Loaded { prepared, engine: self.engine.clone(), source: source.clone(), limits, slots: self.slots.clone() }),
+            inner: Arc::new(Loaded { prepared, source: source.clone(), limits, slots: self.slots.clone() }),
         })
     }
 
@@ -211,8 +208,6 @@ impl Runtime {
         let pre = any(self.linker.instantiate_pre(&component))
             .with_context(|| format!("plugin {source} imports something this host does not provide (only WASI p2 is available)"))?;
         let not_matching = || format!("plugin {source} does not match the exechost:service@{CONTRACT_VERSION} contract");
-        // The bindings' own check that every contract function is exported.
-        any(ServicePluginPre::new(pre.clone())).with_context(not_matching)?;
         let interface = format!("{CONTRACT}@{CONTRACT_VERSION}");
         let component = pre.component();
         let contract = component.get_export_index(None, &interface).with_context(not_matching)?;
@@ -324,8 +319,8 @@ impl Export {
     }
 
     /// The function in `instance`, typed. Each `Export` must be used with one signature
-    /// only (each has one call site, in [`Plugin`]'s methods), which is what makes skipping
-    /// the check after the first time sound.
+    /// only (each has one caller, in [`Plugin`]'s methods), which is what makes skipping the
+    /// check after the first time sound.
     fn typed<P, R>(&self, store: &mut Store<State>, instance: &Instance) -> wasmtime::Result<TypedFunc<P, R>>
     where
         P: ComponentNamedList + Lower,
@@ -350,30 +345,9 @@ impl Export {
 
 struct Loaded {
     prepared: Arc<Prepared>,
-    engine: Engine,
     source: PluginSource,
     limits: PluginLimits,
     slots: Arc<Semaphore>,
-}
-
-/// One plugin call: waits for a free instance slot, instantiates the plugin in a fresh
-/// store (see [`Plugin::store`]), runs `$body` within the wall-time limit, and explains a
-/// failure (see [`Plugin::finish`]).
-macro_rules! call {
-    ($plugin:expr, $function:literal, |$export:ident, $store:ident, $instance:ident| $body:block) => {{
-        let plugin: &Plugin = $plugin;
-        let _slot = plugin.inner.slots.acquire().await.context("the plugin runtime is shutting down")?;
-        let (mut store, stderr) = plugin.store();
-        let run = async {
-            let $export = &*plugin.inner.prepared;
-            let $instance = $export.pre.instantiate_async(&mut store).await?;
-            let $store = &mut store;
-            let result: wasmtime::Result<_> = $body;
-            result
-        };
-        let result = tokio::time::timeout(plugin.wall_limit(), run).await.ok();
-        plugin.finish($function, &store, &stderr, result)
-    }};
 }
 
 /// A loaded plugin, cheap to clone; every call runs in a fresh instance.
@@ -389,26 +363,15 @@ impl Plugin {
     }
 
     pub async fn info(&self) -> Result<wit::PluginInfo> {
-        call!(self, "info", |export, store, instance| {
-            let f = export.info.typed::<(), (wit::PluginInfo,)>(store, &instance)?;
-            Ok(f.call_async(store, ()).await?.0)
-        })
+        self.call("info", |p| &p.info, ()).await
     }
 
     pub async fn validate(&self, service: &wit::Service) -> Result<Result<(), String>> {
-        call!(self, "validate", |export, store, instance| {
-            let f = export.validate.typed::<(&wit::Service,), (Result<(), String>,)>(store, &instance)?;
-            Ok(f.call_async(store, (service,)).await?.0)
-        })
+        self.call("validate", |p| &p.validate, (service,)).await
     }
 
     pub async fn build_command(&self, service: &wit::Service, request: &wit::Request) -> Result<Result<wit::Command, wit::Failure>> {
-        call!(self, "build-command", |export, store, instance| {
-            let f = export
-                .build_command
-                .typed::<(&wit::Service, &wit::Request), (Result<wit::Command, wit::Failure>,)>(store, &instance)?;
-            Ok(f.call_async(store, (service, request)).await?.0)
-        })
+        self.call("build-command", |p| &p.build_command, (service, request)).await
     }
 
     pub async fn parse_output(
@@ -417,19 +380,32 @@ impl Plugin {
         request: &wit::Request,
         output: &wit::Output,
     ) -> Result<Result<wit::Response, wit::Failure>> {
-        call!(self, "parse-output", |export, store, instance| {
-            let f = export
-                .parse_output
-                .typed::<(&wit::Service, &wit::Request, &wit::Output), (Result<wit::Response, wit::Failure>,)>(store, &instance)?;
-            Ok(f.call_async(store, (service, request, output)).await?.0)
-        })
+        self.call("parse-output", |p| &p.parse_output, (service, request, output)).await
     }
 
     pub async fn health_command(&self, service: &wit::Service) -> Result<Option<wit::Command>> {
-        call!(self, "health-command", |export, store, instance| {
-            let f = export.health_command.typed::<(&wit::Service,), (Option<wit::Command>,)>(store, &instance)?;
-            Ok(f.call_async(store, (service,)).await?.0)
-        })
+        self.call("health-command", |p| &p.health_command, (service,)).await
+    }
+
+    /// One call: waits for a free instance slot, instantiates the plugin in a fresh store
+    /// (see [`Plugin::store`]), calls `export` with `params` within the wall-time limit, and
+    /// explains a failure (see [`Plugin::finish`]). Each export is called with one `P` and
+    /// `R` only (the methods above), as [`Export::typed`] requires.
+    async fn call<P, R>(&self, function: &str, export: fn(&Prepared) -> &Export, params: P) -> Result<R>
+    where
+        P: ComponentNamedList + Lower + Send + Sync,
+        (R,): ComponentNamedList + Lift + Send + Sync + 'static,
+    {
+        let inner = &*self.inner;
+        let _slot = inner.slots.acquire().await.context("the plugin runtime is shutting down")?;
+        let (mut store, stderr) = self.store();
+        let run = async {
+            let instance = inner.prepared.pre.instantiate_async(&mut store).await?;
+            let f = export(&inner.prepared).typed::<P, (R,)>(&mut store, &instance)?;
+            Ok(f.call_async(&mut store, params).await?.0)
+        };
+        let result = tokio::time::timeout(self.wall_limit(), run).await.ok();
+        self.finish(function, &store, &stderr, result)
     }
 
     /// A fresh store with no capabilities and the limits: its stderr is kept, and every
@@ -441,7 +417,7 @@ impl Plugin {
         let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };
         let ticks_left = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
-        let mut store = Store::new(&inner.engine, State { wasi, table: ResourceTable::new(), limiter, ticks_left });
+        let mut store = Store::new(inner.prepared.pre.engine(), State { wasi, table: ResourceTable::new(), limiter, ticks_left });
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut store| {
@@ -492,4 +468,3 @@ impl Plugin {
         })
     }
 }
-

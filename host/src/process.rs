@@ -123,17 +123,9 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// A started process, not yet waited for.
-struct Started {
-    child: Child,
-    at: Instant,
-}
-
-/// Starts the command. Synchronous: spawning suspends the calling thread until the child
-/// has called exec (vfork), which on a busy machine means until the child gets a CPU, so
-/// call this on a worker thread (within the async runtime's context), never on the async
-/// thread. [`run`] does so.
-fn start(spec: &Spec) -> Result<Started, SpawnError> {
+/// The command for `spec`: its argv as given (no shell), in a process group of its own,
+/// with piped output.
+fn command(spec: &Spec) -> Command {
     let mut cmd = Command::new(&spec.program);
     cmd.args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -142,29 +134,41 @@ fn start(spec: &Spec) -> Result<Started, SpawnError> {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    let at = Instant::now();
-    let child = cmd.spawn().map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => SpawnError::NotFound(spec.program.clone()),
-        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(spec.program.clone()),
-        _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(spec.program.clone()),
-        _ => SpawnError::Other { program: spec.program.clone(), source },
-    })?;
-    Ok(Started { child, at })
+    cmd
+}
+
+/// What a failed spawn of `program` means.
+fn spawn_error(program: &str, source: io::Error) -> SpawnError {
+    let program = program.to_string();
+    match source.kind() {
+        io::ErrorKind::NotFound => SpawnError::NotFound(program),
+        io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(program),
+        _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(program),
+        _ => SpawnError::Other { program, source },
+    }
 }
 
 /// Runs the command to its end, or until a timeout or `cancel` stops its whole process group.
 pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, SpawnError> {
-    let owned = spec.clone();
-    let started = tokio::task::spawn_blocking(move || start(&owned)).await.unwrap_or_else(|e| {
-        Err(SpawnError::Other { program: spec.program.clone(), source: io::Error::other(format!("the spawning thread failed: {e}")) })
-    })?;
-    Ok(finish(started, spec, cancel).await)
+    let mut cmd = command(spec);
+    // Spawning suspends the calling thread until the child has called exec (vfork), which on
+    // a busy machine means until the child gets a CPU: a worker thread does it, never the
+    // async thread.
+    let spawned = tokio::task::spawn_blocking(move || {
+        let at = Instant::now();
+        cmd.spawn().map(|child| (child, at))
+    })
+    .await;
+    match spawned {
+        Ok(Ok((child, started))) => Ok(finish(child, started, spec, cancel).await),
+        Ok(Err(source)) => Err(spawn_error(&spec.program, source)),
+        Err(e) => Err(SpawnError::Other { program: spec.program.clone(), source: io::Error::other(format!("the spawning thread failed: {e}")) }),
+    }
 }
 
 /// Waits for a started process to end, or stops its whole process group when a timeout or
 /// `cancel` fires; captures its output meanwhile.
-async fn finish(started: Started, spec: &Spec, cancel: &CancellationToken) -> Finished {
-    let Started { mut child, at: started } = started;
+async fn finish(mut child: Child, started: Instant, spec: &Spec, cancel: &CancellationToken) -> Finished {
     let pgid = child.id().map(|id| id as i32).unwrap_or(0);
 
     // Everything below runs in this one task: the readers, the stdin writer and the

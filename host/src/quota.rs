@@ -21,11 +21,12 @@ pub fn check(policy: &QuotaPolicy, service: &str, recent: &[(Millis, i64)], toda
         message: format!("quota of {what} for {service} is used up; it frees at {} ({})", utc_time(until), from_now(now, until)),
     };
     if let Some(rpm) = policy.rpm
-        && recent.len() >= rpm as usize {
-            // The request may run once enough of the oldest have left the minute.
-            let until = recent[recent.len() - rpm as usize].0 + MINUTE_MS;
-            return Err(exhausted(format!("{rpm} requests per minute"), until));
-        }
+        && recent.len() >= rpm as usize
+    {
+        // The request may run once enough of the oldest have left the minute.
+        let until = recent[recent.len() - rpm as usize].0 + MINUTE_MS;
+        return Err(exhausted(format!("{rpm} requests per minute"), until));
+    }
     if let Some(tpm) = policy.tpm {
         let mut used: i64 = recent.iter().map(|(_, t)| t).sum();
         if used >= tpm as i64 {
@@ -41,9 +42,10 @@ pub fn check(policy: &QuotaPolicy, service: &str, recent: &[(Millis, i64)], toda
         }
     }
     if let Some(daily) = policy.daily
-        && today >= u64::from(daily) {
-            return Err(exhausted(format!("{daily} requests per day (UTC)"), day_start(now) + DAY_MS));
-        }
+        && today >= u64::from(daily)
+    {
+        return Err(exhausted(format!("{daily} requests per day (UTC)"), day_start(now) + DAY_MS));
+    }
     Ok(())
 }
 

@@ -192,10 +192,7 @@ impl State {
         // exit), but the next process to open the file replays what the WAL holds: whoever
         // finds it long checkpoints it.
         if self.wal_len() > WAL_CHECKPOINT_BYTES {
-            // Only an optimisation: busy with other processes, it is left for the next one.
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::debug!("state checkpoint skipped: {e}");
-            }
+            checkpoint(&conn, "TRUNCATE");
         }
         let current = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
         if current == MIGRATIONS.len() {
@@ -279,26 +276,30 @@ impl State {
         self.queued.fetch_add(group.len() as u64, Ordering::Relaxed);
         self.groups.fetch_add(1, Ordering::Relaxed);
         let writes = group.iter().any(|w| w.writes());
-        let in_place = (!writes || !self.checkpoint_due.load(Ordering::Relaxed))
-            .then(|| self.try_lock())
-            .flatten()
-            .and_then(|conn| {
-                conn.busy_timeout(Duration::ZERO).ok()?;
-                let result = run_group(&conn, &mut group, writes);
-                conn.busy_timeout(BUSY_TIMEOUT).ok()?;
-                result.ok()?;
-                if writes {
-                    self.committed(&conn, false);
-                }
-                Some(())
-            });
-        if in_place.is_some() {
+        if self.run_in_place(&mut group, writes) {
             group.into_iter().for_each(|w| w.deliver(None));
             return;
         }
         // Busy (another process writes, a checkpoint is due) or failed: the waiting way.
         let state = self.clone();
         let _ = tokio::task::spawn_blocking(move || state.run_waiting(group, writes)).await;
+    }
+
+    /// Runs a group in one transaction on this thread if that needs no waiting: the
+    /// connection is free, no other process holds the lock, and no checkpoint is due (which
+    /// may wait on the disk). `false`: it did not commit, and nothing of it took effect.
+    fn run_in_place(&self, group: &mut [Box<dyn Queued>], writes: bool) -> bool {
+        if writes && self.checkpoint_due.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Some(conn) = self.try_lock() else { return false };
+        let _ = conn.busy_timeout(Duration::ZERO);
+        let committed = run_group(&conn, group, writes).is_ok();
+        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        if committed && writes {
+            self.committed(&conn, false);
+        }
+        committed
     }
 
     /// Runs a group in one transaction, waiting for the locks as [`State::write`] does; if
@@ -348,13 +349,7 @@ impl State {
         if !may_wait || !self.checkpoint_due.swap(false, Ordering::Relaxed) {
             return;
         }
-        // Restarting needs a moment with no reader; if other processes are reading, what
-        // could be copied is, and the WAL restarts at a later checkpoint.
-        let _ = conn.busy_timeout(Duration::ZERO);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-            tracing::debug!("state checkpoint incomplete: {e}");
-        }
-        let _ = conn.busy_timeout(BUSY_TIMEOUT);
+        checkpoint(conn, "RESTART");
     }
 
     /// The WAL file's length (0 in memory or when there is none).
@@ -374,11 +369,7 @@ impl Drop for State {
             tracing::debug!("state: {queued} transactions ran in {groups} groups ({:.1} each)", queued as f64 / groups as f64);
         }
         if self.wal_len() > WAL_CHECKPOINT_BYTES {
-            let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-            let _ = conn.busy_timeout(Duration::ZERO);
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::debug!("state checkpoint at exit incomplete: {e}");
-            }
+            checkpoint(self.conn.get_mut().unwrap_or_else(|p| p.into_inner()), "TRUNCATE");
         }
     }
 }
@@ -388,6 +379,16 @@ impl Drop for State {
 /// when it closes, so the next process to open the file finds it short.)
 const CHECKPOINT_EVERY: u64 = 256;
 
+/// Checkpoints the WAL (`mode`: RESTART or TRUNCATE) without waiting: a checkpoint is only
+/// an optimisation, and one that finds other processes reading or writing copies what it
+/// can and leaves the rest to a later one.
+fn checkpoint(conn: &Connection, mode: &str) {
+    let _ = conn.busy_timeout(Duration::ZERO);
+    if let Err(e) = conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |_| Ok(())) {
+        tracing::debug!("state checkpoint ({mode}) incomplete: {e}");
+    }
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+}
 
 /// Runs every piece of work of `group` in one transaction: a write transaction if any of
 /// them writes. The first failure rolls it all back.
@@ -592,8 +593,7 @@ mod tests {
         for i in 0..300 {
             // Like one `host` process each: open, one write, exit.
             let state = State::open(&path).unwrap();
-            let row = AttemptRow { service: "s".into(), started_ms: i, outcome: OK.into(), spawned: true, ..Default::default() };
-            state.write(|tx| insert_attempt(tx, &row)).unwrap();
+            state.write(|tx| insert_attempt(tx, &row(i))).unwrap();
         }
         let wal = std::fs::metadata(dir.path().join("state.db-wal")).map(|m| m.len()).unwrap_or(0);
         assert!(wal < 2 << 20, "the WAL grew to {wal} bytes");
@@ -669,9 +669,9 @@ mod tests {
             let ours = ours.clone();
             tokio::spawn(async move { ours.write_soon(|tx| insert_attempt(tx, &row(1))).await })
         };
-        // The async thread keeps running other tasks meanwhile.
-        let ticked = tokio::time::timeout(Duration::from_secs(5), tokio::time::sleep(Duration::from_millis(100))).await;
-        assert!(ticked.is_ok() && !write.is_finished(), "the write waits for the lock, not the thread");
+        // The async thread keeps running other tasks (this one) meanwhile.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!write.is_finished(), "the write waits for the lock, not the thread");
         theirs.execute_batch("COMMIT").unwrap();
         write.await.unwrap().unwrap();
         assert_eq!(ours.read(|tx| attempts_since(tx, 0)).unwrap().len(), 1);
@@ -682,11 +682,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/state.db");
         let state = State::open(&path).unwrap();
-        let row = AttemptRow { service: "s".into(), started_ms: 5, outcome: OK.into(), spawned: true, ..Default::default() };
-        state.write(|tx| insert_attempt(tx, &row)).unwrap();
+        state.write(|tx| insert_attempt(tx, &row(5))).unwrap();
         drop(state);
         let state = State::open(&path).unwrap();
         let rows = state.read(|tx| attempts_since(tx, 0)).unwrap();
-        assert_eq!(rows, vec![row]);
+        assert_eq!(rows, vec![row(5)]);
     }
 }

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Sandbox, alive, eventually, read_pid};
+use common::{Sandbox, alive, eventually, json_lines, read_pid};
 use serde_json::Value;
 
 const MIXED: &str = r#"
@@ -33,16 +33,12 @@ timeout = "3s"
 settings = { args = ["hang", "@DIR@", "{prompt}"] }
 "#;
 
-fn lines(text: &str) -> Vec<Value> {
-    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
-}
-
 #[test]
 fn fan_out_results_arrive_as_each_finishes_and_a_hang_delays_no_one() {
     let sandbox = Sandbox::new(MIXED);
     let run = sandbox.run(&["run", "all", "--json", "hi"]);
     assert_eq!(run.code, 1, "{run:?}");
-    let results = lines(&run.stdout);
+    let results = json_lines(&run.stdout);
     let order: Vec<&str> = results.iter().map(|r| r["service"].as_str().unwrap()).collect();
     assert_eq!(order.len(), 4);
     assert_eq!(order[3], "hang", "the hang is last: {order:?}");
@@ -170,7 +166,7 @@ fn batch_results_carry_ids_and_outcomes_for_every_job_shape() {
     let results = sandbox.path("results.jsonl");
     let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
     assert_eq!(run.code, 1, "{run:?}");
-    let by_id = |id: Value| lines(&std::fs::read_to_string(&results).unwrap()).into_iter().find(|r| r["id"] == id).unwrap();
+    let by_id = |id: Value| json_lines(&std::fs::read_to_string(&results).unwrap()).into_iter().find(|r| r["id"] == id).unwrap();
     assert_eq!(by_id(1.into())["text"], "one");
     let two = by_id("two".into());
     assert_eq!((two["success"].as_bool(), two["results"].as_array().unwrap().len()), (Some(false), 2));
@@ -210,7 +206,7 @@ fn batch_reads_jobs_from_stdin() {
     let input = "{\"id\": \"a\", \"service\": \"echo\", \"prompt\": \"from stdin\"}\n";
     let run = sandbox.run_with_stdin(&["batch", "-"], input.as_bytes());
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(lines(&run.stdout)[0]["text"], "from stdin");
+    assert_eq!(json_lines(&run.stdout)[0]["text"], "from stdin");
 }
 
 #[test]
@@ -249,7 +245,7 @@ fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
     let rerun = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "8"]);
     assert_eq!(rerun.code, 0, "{rerun:?}");
     assert!(rerun.stderr.contains(&format!("{before} already done")), "{}", rerun.stderr);
-    let mut ids: Vec<i64> = lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    let mut ids: Vec<i64> = json_lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
     ids.sort();
     assert_eq!(ids, (0..40).collect::<Vec<_>>());
 }
@@ -262,7 +258,7 @@ fn batch_removes_a_last_result_line_cut_short() {
     std::fs::write(&results, "{\"id\":1,\"success\":true}\n{\"id\":2,\"succ").unwrap();
     let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{run:?}");
-    let ids: Vec<i64> = lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> = json_lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [1, 2]);
 }
 

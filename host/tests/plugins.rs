@@ -73,8 +73,8 @@ fn a_looping_plugin_does_not_hold_up_another_service_in_a_fan_out() {
     let sandbox = misbehaving("loop", "plugin_time = \"3s\"");
     let run = sandbox.run(&["run", "bad,good", "--json", "x"]);
     assert_eq!(run.code, 1, "{run:?}");
-    let services: Vec<String> = run.stdout.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["service"].to_string()).collect();
-    assert_eq!(services, ["\"good\"", "\"bad\""], "the good service answers while the bad plugin loops: {run:?}");
+    let services: Vec<_> = common::json_lines(&run.stdout).into_iter().map(|r| r["service"].clone()).collect();
+    assert_eq!(services, ["good", "bad"], "the good service answers while the bad plugin loops: {run:?}");
 }
 
 #[test]

@@ -146,10 +146,11 @@ fn serve(stream: TcpStream, shared: &Mutex<Shared>) -> std::io::Result<()> {
             s.received.push(received.clone());
             let mode = s.mode.clone();
             if model_call
-                && let Mode::Fail { status, times, then } = &s.mode {
-                    let next = if *times <= 1 { (**then).clone() } else { Mode::Fail { status: *status, times: times - 1, then: then.clone() } };
-                    s.mode = next;
-                }
+                && let Mode::Fail { status, times, then } = &s.mode
+            {
+                let next = if *times <= 1 { (**then).clone() } else { Mode::Fail { status: *status, times: times - 1, then: then.clone() } };
+                s.mode = next;
+            }
             mode
         };
         if !model_call {

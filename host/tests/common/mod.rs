@@ -27,6 +27,11 @@ pub fn shared_cache() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("exechost-cache")
 }
 
+/// Each line of `text` (NDJSON output, a results file) as JSON.
+pub fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect()
+}
+
 /// A temporary folder holding a services.toml, in which `host` runs.
 pub struct Sandbox {
     pub dir: tempfile::TempDir,

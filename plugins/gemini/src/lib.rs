@@ -48,9 +48,10 @@ impl Guest for Gemini {
         let stdout = text(&output.stdout);
         if exit_code(&output) == Some(0)
             && let Some(json) = embedded_json(&stdout)
-                && let Some(answer) = json.get("response").and_then(Value::as_str) {
-                    return Ok(response(&json, answer, model(&service, &request)));
-                }
+            && let Some(answer) = json.get("response").and_then(Value::as_str)
+        {
+            return Ok(response(&json, answer, model(&service, &request)));
+        }
         Err(failed(&service, &output))
     }
 

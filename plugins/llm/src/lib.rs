@@ -48,21 +48,22 @@ impl Guest for Llm {
             _ => None,
         });
         if let (Some(row), Some(0)) = (row, exit_code(&output))
-            && let Some(answer) = row.get("response").and_then(Value::as_str) {
-                let (input, output) = (u64_at(&row, &["input_tokens"]), u64_at(&row, &["output_tokens"]));
-                let model_name = row
-                    .get("resolved_model")
-                    .and_then(Value::as_str)
-                    .or_else(|| row.get("model").and_then(Value::as_str))
-                    .map(str::to_string)
-                    .or_else(|| model(&service, &request));
-                return Ok(Response {
-                    text: answer.to_string(),
-                    model: model_name,
-                    usage: Some(Usage { input, output, total: input.zip(output).map(|(i, o)| i + o), cached: None, reasoning: None }),
-                    cost_usd: None,
-                });
-            }
+            && let Some(answer) = row.get("response").and_then(Value::as_str)
+        {
+            let (input, output) = (u64_at(&row, &["input_tokens"]), u64_at(&row, &["output_tokens"]));
+            let model_name = row
+                .get("resolved_model")
+                .and_then(Value::as_str)
+                .or_else(|| row.get("model").and_then(Value::as_str))
+                .map(str::to_string)
+                .or_else(|| model(&service, &request));
+            return Ok(Response {
+                text: answer.to_string(),
+                model: model_name,
+                usage: Some(Usage { input, output, total: input.zip(output).map(|(i, o)| i + o), cached: None, reasoning: None }),
+                cost_usd: None,
+            });
+        }
         let stderr = text(&output.stderr);
         let line = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
         // "Error: Error code: 429 - Rate limit reached ..."

@@ -67,10 +67,11 @@ impl Guest for Qwen {
         let usage = result.get("usage");
         let produced = usage.and_then(|u| u64_at(u, &["output_tokens"])).unwrap_or(0);
         if let Some(error) = answer.trim_start().strip_prefix("[API Error:")
-            && (produced == 0 || errors > 0) {
-                let status = error.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok());
-                return Err(classified(&service, answer, status, hint));
-            }
+            && (produced == 0 || errors > 0)
+        {
+            let status = error.trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok());
+            return Err(classified(&service, answer, status, hint));
+        }
         let model_name = events
             .iter()
             .find(|e| e.get("subtype").and_then(Value::as_str) == Some("init"))

@@ -98,9 +98,10 @@ fn build(service: &Service, settings: &Settings, request: &Request) -> Result<Co
                     }
                     // Drop the model token, and the flag before it when it is the model flag.
                     if let (Some(flag), Some(last)) = (&settings.model_flag, args.last())
-                        && last == flag {
-                            args.pop();
-                        }
+                        && last == flag
+                    {
+                        args.pop();
+                    }
                     continue;
                 }
                 args.push(render(pieces, &request.prompt, model.as_deref(), None));
