@@ -43,6 +43,7 @@ fn children_cpu_time() -> Duration {
 
 /// Runs a command to its end; wall time, peak RSS and CPU time (wait4: the process and its
 /// children).
+#[expect(clippy::zombie_processes, reason = "wait4 reaps the child, for its resource usage")]
 fn measure(cmd: &mut Command) -> Measured {
     let started = Instant::now();
     let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn");

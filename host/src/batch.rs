@@ -92,10 +92,19 @@ pub struct Options {
     pub strict: bool,
 }
 
-/// What the caller hears of: progress, and each invalid line (1-based line number, message).
+/// Hears of an invalid line: its 1-based number and what is wrong with it.
+pub type OnInvalid = Box<dyn Fn(u64, &str) + Send + Sync>;
+
+/// What the caller hears of: progress, and each invalid line.
 pub struct Listener {
     pub progress: Box<dyn Fn(Counts) + Send + Sync>,
-    pub invalid: Box<dyn Fn(u64, &str) + Send + Sync>,
+    pub invalid: OnInvalid,
+}
+
+/// Where result lines go, and the ids of the results an earlier run already wrote there.
+pub struct Results {
+    pub writer: Box<dyn Write + Send>,
+    pub done: Vec<u128>,
 }
 
 /// Identifies a job id compactly (128 bits) for the set of those already done.
@@ -110,7 +119,7 @@ fn id_key(id: &serde_json::Value) -> u128 {
 
 /// Opens the results file for appending and collects the ids it already holds. A last line
 /// cut short (a crash mid-write) is removed.
-pub fn open_results(path: &Path) -> Result<(std::fs::File, Vec<u128>)> {
+pub fn open_results(path: &Path) -> Result<Results> {
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
@@ -144,7 +153,7 @@ pub fn open_results(path: &Path) -> Result<(std::fs::File, Vec<u128>)> {
         file.set_len(complete_len)?;
     }
     file.seek(SeekFrom::End(0))?;
-    Ok((file, ids))
+    Ok(Results { writer: Box::new(file), done: ids })
 }
 
 /// Counts the lines of a file quickly, for the progress bar's total.
@@ -220,15 +229,14 @@ enum Item {
 /// The most parsed lines handed from the reader thread at once.
 const READ_BATCH: usize = 64;
 
-/// Runs the batch: jobs from `input`, results to `output`. `done` holds the ids of results
-/// already written by an earlier run.
+/// Runs the batch: jobs from `input`, result lines to `results` (skipping the jobs whose
+/// results are there already).
 pub async fn run(
     config: &Config,
     runtime: &Runtime,
     ctx: Context,
     input: std::io::BufReader<Box<dyn Read + Send>>,
-    output: Box<dyn Write + Send>,
-    done: Vec<u128>,
+    results: Results,
     options: Options,
     listener: Listener,
 ) -> Result<(Counts, End)> {
@@ -270,9 +278,9 @@ pub async fn run(
     let mut items = futures::stream::poll_fn(move |cx| batches.poll_recv(cx)).flat_map(futures::stream::iter);
 
     let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
-    let seen: Mutex<std::collections::HashSet<u128>> = Mutex::new(done.into_iter().collect());
+    let seen: Mutex<std::collections::HashSet<u128>> = Mutex::new(results.done.into_iter().collect());
     let counts = Mutex::new(Counts::default());
-    let output = Mutex::new(output);
+    let output = Mutex::new(results.writer);
     let permits = tokio::sync::Semaphore::new(options.jobs.max(1));
     let update = |f: &dyn Fn(&mut Counts)| {
         let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());

@@ -364,12 +364,9 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
         Box::new(file)
     };
     let input = std::io::BufReader::with_capacity(1 << 16, input);
-    let (output, done): (Box<dyn Write + Send>, Vec<u128>) = match &args.output {
-        Some(path) => {
-            let (file, done) = batch::open_results(path).map_err(|e| Usage(format!("{e:#}")))?;
-            (Box::new(file), done)
-        }
-        None => (Box::new(std::io::stdout()), Vec::new()),
+    let results = match &args.output {
+        Some(path) => batch::open_results(path).map_err(|e| Usage(format!("{e:#}")))?,
+        None => batch::Results { writer: Box::new(std::io::stdout()), done: Vec::new() },
     };
     let runtime = runtime_for(config.services.values())?;
     let cancel = CancellationToken::new();
@@ -388,7 +385,7 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
         invalid: Box::new(move |line, message| eprintln!("host: {jobs_file}:{line}: invalid job, skipped: {message}")),
     };
     let options = batch::Options { jobs: args.jobs, strict: args.strict };
-    let (counts, end) = batch::run(config, &runtime, ctx, input, output, done, options, listener).await?;
+    let (counts, end) = batch::run(config, &runtime, ctx, input, results, options, listener).await?;
     if let Some(bar) = bar.as_ref() {
         bar.clear();
     }

@@ -98,6 +98,7 @@ fn sigterm_to_host_stops_the_command_group_and_exits_143() {
 }
 
 /// Runs `host` and returns its exit code and peak resident memory in KiB (from wait4).
+#[expect(clippy::zombie_processes, reason = "wait4 reaps the child, for its resource usage")]
 fn run_measuring_rss(sandbox: &Sandbox, args: &[&str]) -> (i32, String, i64) {
     use std::io::Read;
     let mut child = sandbox.host().args(args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
