@@ -293,15 +293,15 @@ async fn capture<R: AsyncRead + Unpin>(
     tokio::pin!(give_up);
     loop {
         let room = cap - kept.len();
-        let into = if room > 0 {
+        let (into, limit) = if room > 0 {
             kept.reserve(room.min(READ_CHUNK).min(kept.len().max(4096)));
-            &mut kept
+            let spare = kept.capacity() - kept.len();
+            (&mut kept, room.min(spare))
         } else {
             spill.clear();
             spill.reserve(READ_CHUNK);
-            &mut spill
+            (&mut spill, READ_CHUNK)
         };
-        let limit = if room > 0 { room.min(into.capacity() - into.len()) } else { READ_CHUNK };
         let mut limited = (&mut stream).take(limit as u64);
         tokio::select! {
             read = limited.read_buf(into) => match read {
