@@ -2,8 +2,7 @@
 //! - fan-out of 64 services whose command sleeps 1 s: wall time and peak RSS;
 //! - `host batch` of 5,000 jobs running `/bin/true` at --jobs 16, against `xargs -P16` and a
 //!   bare tokio loop that spawns the same command with captured output at the same
-//!   concurrency; the host's and the bare loop's own CPU time per job, and each runner's CPU
-//!   time per job together with the commands it ran;
+//!   concurrency; each runner's CPU time per job: its own, its commands' and both;
 //! - with `-- --million`: peak RSS of a 1,000,000-line batch (jobs that fail fast: the command
 //!   is not installed, so nothing is spawned and the run takes minutes, not hours).
 //!
@@ -24,6 +23,8 @@ struct Measured {
     max_rss_kib: i64,
     /// CPU time of the process and the children it waited for.
     cpu: Duration,
+    /// CPU time of the process alone (all its threads).
+    own_cpu: Duration,
     stderr: String,
 }
 
@@ -41,8 +42,20 @@ fn children_cpu_time() -> Duration {
     cpu(&usage)
 }
 
+/// User plus system time of the exited, not yet reaped process `pid` alone: fields 14 and 15
+/// of its /proc stat (its children's are fields 16 and 17).
+fn exited_own_cpu(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the exited process's stat");
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').expect("stat format").1.split_whitespace().collect();
+    let ticks = |i: usize| fields[i - 3].parse::<u64>().expect("stat field");
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_micros((ticks(14) + ticks(15)) * 1_000_000 / hz)
+}
+
 /// Runs a command to its end; wall time, peak RSS and CPU time (wait4: the process and its
-/// children).
+/// children; /proc before reaping: the process alone).
 #[expect(clippy::zombie_processes, reason = "wait4 reaps the child, for its resource usage")]
 fn measure(cmd: &mut Command) -> Measured {
     let started = Instant::now();
@@ -53,14 +66,19 @@ fn measure(cmd: &mut Command) -> Measured {
         std::io::Read::read_to_string(&mut stderr, &mut s).unwrap();
         s
     });
-    let mut status = 0;
-    // SAFETY: a zeroed rusage is valid; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
-    Measured { wall: started.elapsed(), max_rss_kib: usage.ru_maxrss, cpu: cpu(&usage), stderr: reader.join().unwrap() }
+    let pid = child.id() as i32;
+    // SAFETY: waitid with WNOWAIT waits for our own child to exit and leaves it unreaped, so
+    // its /proc entry is still there; wait4 then reaps it and fills the zeroed rusage.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
+    let wall = started.elapsed();
+    let own_cpu = exited_own_cpu(pid);
+    let (mut status, mut usage): (i32, libc::rusage) = (0, unsafe { std::mem::zeroed() });
+    unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    Measured { wall, max_rss_kib: usage.ru_maxrss, cpu: cpu(&usage), own_cpu, stderr: reader.join().unwrap() }
 }
 
-fn host(dir: &Path) -> Command {
+fn host_command(dir: &Path) -> Command {
     let mut cmd = Command::new(HOST);
     cmd.env("XDG_CACHE_HOME", dir.join("cache"))
         .arg("--config")
@@ -76,8 +94,8 @@ fn fan_out(dir: &Path) {
         config += &format!("[services.s{i:02}]\nplugin = \"template\"\ncommand = \"sleep\"\nsettings = {{ args = [\"1\"], stdin = \"prompt\" }}\n\n");
     }
     std::fs::write(dir.join("services.toml"), config).unwrap();
-    measure(host(dir).args(["run", "s00", "warm-up"]));
-    let m = measure(host(dir).args(["run", "all", "--json", "x"]));
+    measure(host_command(dir).args(["run", "s00", "warm-up"]));
+    let m = measure(host_command(dir).args(["run", "all", "--json", "x"]));
     println!(
         "fan-out of 64 services sleeping 1 s: {:.3} s wall ({:.1}% over 1 s), peak RSS {:.1} MiB",
         m.wall.as_secs_f64(),
@@ -108,61 +126,87 @@ fn batch_vs_xargs(dir: &Path) {
         JOBS,
         |i| format!(r#"{{"id": {i}, "service": "true", "prompt": "job {i}"}}"#),
     );
-    measure(host(dir).args(["run", "true", "warm-up"]));
+    measure(host_command(dir).args(["run", "true", "warm-up"]));
+
+    let numbers = dir.join("numbers.txt");
+    std::fs::write(&numbers, (1..=JOBS).map(|i| format!("{i}\n")).collect::<String>()).unwrap();
 
     // Interleaved rounds; the medians are compared (single runs vary by ~10% here).
     let results = dir.join("results.jsonl");
-    let (mut hosts, mut xargs, mut bares, mut host_cpu, mut bare_cpu, mut rss) = (vec![], vec![], vec![], vec![], vec![], 0);
-    // CPU per job of the runner and the commands together: on a machine with few cores the
-    // batch is CPU-bound, and jobs per second follow this total.
-    let (mut host_all, mut xargs_all, mut bare_all) = (vec![], vec![], vec![]);
-    let per_job = |d: Duration| d.as_secs_f64() * 1e6 / JOBS as f64;
+    let (mut host, mut xargs, mut bare, mut rss) = (Rounds::default(), Rounds::default(), Rounds::default(), 0);
     for _ in 0..ROUNDS {
         let _ = std::fs::remove_file(&results);
-        let h = measure(host(dir).args(["-v", "batch"]).arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
+        let h = measure(host_command(dir).arg("batch").arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
         let written = std::fs::read_to_string(&results).unwrap().lines().count();
         assert_eq!(written, JOBS, "{}", h.stderr);
-        let cpu_us = h
-            .stderr
-            .lines()
-            .find_map(|l| l.split("CPU ").nth(1)?.split(" ms").next()?.trim().parse::<f64>().ok())
-            .expect("the host reports its CPU time with -v");
-        host_cpu.push(cpu_us * 1e3 / JOBS as f64);
-        hosts.push(h.wall);
-        host_all.push(per_job(h.cpu));
+        host.push(h.wall, h.own_cpu, h.cpu, JOBS);
         rss = rss.max(h.max_rss_kib);
 
-        let x = measure(Command::new("sh").args(["-c", &format!("seq {JOBS} | xargs -P16 -n1 /bin/true")]));
-        xargs.push(x.wall);
-        xargs_all.push(per_job(x.cpu));
+        let x = measure(Command::new("xargs").args(["-P16", "-n1", "/bin/true"]).stdin(std::fs::File::open(&numbers).unwrap()));
+        xargs.push(x.wall, x.own_cpu, x.cpu, JOBS);
 
         let (own_before, children_before) = (own_cpu_time(), children_cpu_time());
-        bares.push(bare_tokio_loop(JOBS, 16));
+        let wall = bare_tokio_loop(JOBS, 16);
         let own = own_cpu_time() - own_before;
-        bare_cpu.push(per_job(own));
-        bare_all.push(per_job(own + (children_cpu_time() - children_before)));
+        bare.push(wall, own, own + (children_cpu_time() - children_before), JOBS);
     }
-    let (h, x, b) = (median(&mut hosts), median(&mut xargs), median(&mut bares));
-    let rate = |d: Duration| JOBS as f64 / d.as_secs_f64();
-    println!("batch of {JOBS} jobs running /bin/true, 16 at a time (median of {ROUNDS} interleaved rounds):");
-    let (host_all, xargs_all, bare_all) = (median_f(&mut host_all), median_f(&mut xargs_all), median_f(&mut bare_all));
-    println!("  host batch        {:>7.0} jobs/s ({:.2} s), its own CPU {:.0} us per job, {host_all:.0} us with the commands', peak RSS {:.1} MiB", rate(h), h.as_secs_f64(), median_f(&mut host_cpu), rss as f64 / 1024.0);
-    println!("  xargs -P16        {:>7.0} jobs/s ({:.2} s), {xargs_all:.0} us CPU per job with the commands'", rate(x), x.as_secs_f64());
-    println!("  bare tokio loop   {:>7.0} jobs/s ({:.2} s), its own CPU {:.0} us per job, {bare_all:.0} us with the commands'", rate(b), b.as_secs_f64(), median_f(&mut bare_cpu));
-    println!("  host / xargs = {:.2}x, host / bare tokio = {:.2}x, bare tokio / xargs = {:.2}x", rate(h) / rate(x), rate(h) / rate(b), rate(b) / rate(x));
-    println!("  bare tokio / host in CPU per job with the commands' = {:.2}x (what host / bare tokio follows)", bare_all / host_all);
+    println!("batch of {JOBS} jobs running /bin/true, 16 at a time (median of {ROUNDS} interleaved rounds;");
+    println!("CPU per job: the runner's own, its commands', both: on a machine with few cores the batch is");
+    println!("CPU-bound, and jobs per second are the CPUs kept busy over the CPU per job):");
+    let (h, x, b) = (host.report("host batch", JOBS), xargs.report("xargs -P16", JOBS), bare.report("bare tokio loop", JOBS));
+    println!("  host batch peak RSS {:.1} MiB", rss as f64 / 1024.0);
+    println!("  host / xargs = {:.2}x, host / bare tokio = {:.2}x, bare tokio / xargs = {:.2}x", h / x, h / b, b / x);
+    println!(
+        "  in CPU per job with the commands': xargs / host = {:.2}x, bare tokio / host = {:.2}x",
+        xargs.median_all() / host.median_all(),
+        bare.median_all() / host.median_all()
+    );
+}
+
+/// One runner's measurements over the rounds: wall time, its own CPU per job and its CPU
+/// per job with its commands'.
+#[derive(Default)]
+struct Rounds {
+    walls: Vec<Duration>,
+    own: Vec<f64>,
+    all: Vec<f64>,
+}
+
+impl Rounds {
+    fn push(&mut self, wall: Duration, own: Duration, all: Duration, jobs: usize) {
+        let per_job = |d: Duration| d.as_secs_f64() * 1e6 / jobs as f64;
+        self.walls.push(wall);
+        self.own.push(per_job(own));
+        self.all.push(per_job(all));
+    }
+
+    fn median_all(&self) -> f64 {
+        median_f(&self.all)
+    }
+
+    /// Prints the medians; returns the median jobs per second.
+    fn report(&self, name: &str, jobs: usize) -> f64 {
+        let mut walls = self.walls.clone();
+        walls.sort();
+        let wall = walls[walls.len() / 2];
+        let rate = jobs as f64 / wall.as_secs_f64();
+        let (own, all) = (median_f(&self.own), self.median_all());
+        println!(
+            "  {name:<17} {rate:>7.0} jobs/s ({:.2} s), CPU per job: own {own:.0} us, commands' {:.0} us, both {all:.0} us; {:.2} CPUs busy",
+            wall.as_secs_f64(),
+            all - own,
+            all * rate / 1e6
+        );
+        rate
+    }
 }
 
 const ROUNDS: usize = 5;
 
-fn median(values: &mut [Duration]) -> Duration {
-    values.sort();
-    values[values.len() / 2]
-}
-
-fn median_f(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+fn median_f(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
 }
 
 /// The floor: spawn the same command with captured output, `concurrency` at a time.
@@ -202,7 +246,7 @@ fn million(dir: &Path) {
         |i| format!(r#"{{"id": {i}, "service": "absent", "prompt": "job number {i} with a prompt of some length"}}"#),
     );
     let results = dir.join("million-results.jsonl");
-    let m = measure(host(dir).arg("batch").arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
+    let m = measure(host_command(dir).arg("batch").arg(&jobs).arg("-o").arg(&results).args(["--jobs", "16"]));
     let written = std::fs::read_to_string(&results).unwrap().lines().count();
     println!(
         "batch of {JOBS} lines (command not installed): {:.0} s, {written} results, peak RSS {:.1} MiB",
