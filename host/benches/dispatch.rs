@@ -14,8 +14,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use exechost::cli::own_cpu_time;
-
 const HOST: &str = env!("CARGO_BIN_EXE_host");
 
 struct Measured {
@@ -34,11 +32,12 @@ fn cpu(usage: &libc::rusage) -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-/// CPU time of this process's children that have been waited for.
-fn children_cpu_time() -> Duration {
+/// CPU time of this process (`RUSAGE_SELF`) or of its children that have been waited for
+/// (`RUSAGE_CHILDREN`).
+fn rusage_cpu(who: i32) -> Duration {
     // SAFETY: getrusage fills the zeroed struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    unsafe { libc::getrusage(who, &mut usage) };
     cpu(&usage)
 }
 
@@ -145,10 +144,10 @@ fn batch_vs_xargs(dir: &Path) {
         let x = measure(Command::new("xargs").args(["-P16", "-n1", "/bin/true"]).stdin(std::fs::File::open(&numbers).unwrap()));
         xargs.push(x.wall, x.own_cpu, x.cpu, JOBS);
 
-        let (own_before, children_before) = (own_cpu_time(), children_cpu_time());
+        let (own_before, children_before) = (rusage_cpu(libc::RUSAGE_SELF), rusage_cpu(libc::RUSAGE_CHILDREN));
         let wall = bare_tokio_loop(JOBS, 16);
-        let own = own_cpu_time() - own_before;
-        bare.push(wall, own, own + (children_cpu_time() - children_before), JOBS);
+        let own = rusage_cpu(libc::RUSAGE_SELF) - own_before;
+        bare.push(wall, own, own + (rusage_cpu(libc::RUSAGE_CHILDREN) - children_before), JOBS);
     }
     println!("batch of {JOBS} jobs running /bin/true, 16 at a time (median of {ROUNDS} interleaved rounds;");
     println!("CPU per job: the runner's own, its commands', both: on a machine with few cores the batch is");

@@ -306,7 +306,7 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
 }
 
 /// User and system CPU time of this process (all its threads, not its children).
-pub fn own_cpu_time() -> Duration {
+fn own_cpu_time() -> Duration {
     // SAFETY: getrusage fills the zeroed struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
