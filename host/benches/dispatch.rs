@@ -185,14 +185,11 @@ impl Rounds {
 
     /// Prints the medians; returns the median jobs per second.
     fn report(&self, name: &str, jobs: usize) -> f64 {
-        let mut walls = self.walls.clone();
-        walls.sort();
-        let wall = walls[walls.len() / 2];
-        let rate = jobs as f64 / wall.as_secs_f64();
+        let wall = median_f(&self.walls.iter().map(Duration::as_secs_f64).collect::<Vec<_>>());
+        let rate = jobs as f64 / wall;
         let (own, all) = (median_f(&self.own), self.median_all());
         println!(
-            "  {name:<17} {rate:>7.0} jobs/s ({:.2} s), CPU per job: own {own:.0} us, commands' {:.0} us, both {all:.0} us; {:.2} CPUs busy",
-            wall.as_secs_f64(),
+            "  {name:<17} {rate:>7.0} jobs/s ({wall:.2} s), CPU per job: own {own:.0} us, commands' {:.0} us, both {all:.0} us; {:.2} CPUs busy",
             all - own,
             all * rate / 1e6
         );
