@@ -46,6 +46,8 @@ enum Plan {
 
 struct Job {
     id: serde_json::Value,
+    /// The input line it came from (1-based).
+    line: u64,
     plan: Plan,
     request: Request,
 }
@@ -104,28 +106,40 @@ pub struct Listener {
 /// Where result lines go, and the ids of the results an earlier run already wrote there.
 pub struct Results {
     pub writer: Box<dyn Write + Send>,
-    pub done: Vec<u128>,
+    pub done: Vec<IdKey>,
 }
 
-/// Identifies a job id compactly (128 bits) for the set of those already done.
-fn id_key(id: &serde_json::Value) -> u128 {
+/// A job id, compactly (a 96-bit hash: no two ids of a batch collide in practice), for the
+/// set of ids already seen; with the line that has it, 16 bytes per id.
+pub type IdKey = [u32; 3];
+
+fn id_key(id: &serde_json::Value) -> IdKey {
     let text = id.to_string();
     let mut a = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut a);
     let mut b = std::collections::hash_map::DefaultHasher::new();
     (text.len(), &text, 0x9e37_79b9_u32).hash(&mut b);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
+    let (a, b) = (a.finish(), b.finish());
+    [a as u32, (a >> 32) as u32, b as u32]
 }
 
 /// Opens the results file for appending and collects the ids it already holds. A last line
-/// cut short (a crash mid-write) is removed.
-pub fn open_results(path: &Path) -> Result<Results> {
+/// cut short (a crash mid-write) is removed. `jobs` is the jobs file's metadata, when the
+/// jobs come from a file: results are never written into the jobs file itself.
+pub fn open_results(path: &Path, jobs: Option<&std::fs::Metadata>) -> Result<Results> {
+    use std::os::unix::fs::MetadataExt;
     let mut file = std::fs::OpenOptions::new()
         .read(true)
         .append(true)
         .create(true)
         .open(path)
         .with_context(|| format!("opening the results file {}", path.display()))?;
+    if let Some(jobs) = jobs {
+        let results = file.metadata().with_context(|| format!("reading the results file {}", path.display()))?;
+        if (results.dev(), results.ino()) == (jobs.dev(), jobs.ino()) {
+            anyhow::bail!("the results file {} is the jobs file; pass another -o file", path.display());
+        }
+    }
     let mut ids = Vec::new();
     let mut reader = std::io::BufReader::new(&file);
     let mut line = Vec::new();
@@ -173,8 +187,8 @@ pub fn count_lines(path: &Path) -> Option<u64> {
     Some(lines + u64::from(last != b'\n'))
 }
 
-/// Parses and checks one input line against the configuration.
-fn parse_job(config: &Config, line: &str) -> Result<Job, String> {
+/// Parses and checks input line `number` against the configuration.
+fn parse_job(config: &Config, number: u64, line: &str) -> Result<Job, String> {
     let job: JobLine = serde_json::from_str(line).map_err(|e| {
         let text = e.to_string();
         let what = text.split(" at line ").next().unwrap_or(&text);
@@ -192,13 +206,11 @@ fn parse_job(config: &Config, line: &str) -> Result<Job, String> {
     let names = match &plan {
         Plan::Chain(names) | Plan::FanOut(names) => names,
     };
-    for name in names {
-        config.service(name).map_err(|e| e.0)?;
-    }
+    config.check_services(names).map_err(|e| e.0)?;
     let files = check_files(&job.files)?;
     let timeout = job.timeout.as_deref().map(parse_duration).transpose()?;
     let request = Request { prompt: job.prompt, files, model: job.model, options: job.options.into_iter().collect(), timeout };
-    Ok(Job { id: job.id, plan, request })
+    Ok(Job { id: job.id, line: number, plan, request })
 }
 
 /// Loads services on first use and keeps them for the batch.
@@ -256,7 +268,7 @@ pub async fn run(
             if n > 0 {
                 number += 1;
                 if !line.trim().is_empty() {
-                    batch.push(match parse_job(&config_for_reader, line.trim_end_matches(['\n', '\r'])) {
+                    batch.push(match parse_job(&config_for_reader, number, line.trim_end_matches(['\n', '\r'])) {
                         Ok(job) => Item::Job(job),
                         Err(message) => Item::Invalid(number, message),
                     });
@@ -278,7 +290,9 @@ pub async fn run(
     let mut items = futures::stream::poll_fn(move |cx| batches.poll_recv(cx)).flat_map(futures::stream::iter);
 
     let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
-    let seen: Mutex<std::collections::HashSet<u128>> = Mutex::new(results.done.into_iter().collect());
+    // Each id seen: 0 when an earlier run's result has it, else the line that has it first
+    // (u32::MAX for any line past that).
+    let mut seen: HashMap<IdKey, u32> = results.done.into_iter().map(|id| (id, 0)).collect();
     let counts = Mutex::new(Counts::default());
     let output = Mutex::new(results.writer);
     let permits = tokio::sync::Semaphore::new(options.jobs.max(1));
@@ -299,7 +313,27 @@ pub async fn run(
         };
         let Some(item) = item else { break };
         let job = match item {
-            Item::Invalid(number, message) => {
+            Item::Invalid(number, message) => Err((number, message)),
+            Item::Job(job) => match seen.entry(id_key(&job.id)) {
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(u32::try_from(job.line).unwrap_or(u32::MAX));
+                    Ok(job)
+                }
+                std::collections::hash_map::Entry::Occupied(mut slot) => match *slot.get() {
+                    0 => {
+                        // Done by an earlier run; a later line with this id is a duplicate.
+                        slot.insert(u32::try_from(job.line).unwrap_or(u32::MAX));
+                        update(&|c| c.skipped += 1);
+                        continue;
+                    }
+                    u32::MAX => Err((job.line, format!("duplicate id {}: an earlier line has it already (ids must be unique)", job.id))),
+                    first => Err((job.line, format!("duplicate id {}: line {first} has it already (ids must be unique)", job.id))),
+                },
+            },
+        };
+        let job = match job {
+            Ok(job) => job,
+            Err((number, message)) => {
                 (listener.invalid)(number, &message);
                 update(&|c| c.invalid += 1);
                 if options.strict {
@@ -308,12 +342,7 @@ pub async fn run(
                 }
                 continue;
             }
-            Item::Job(job) => job,
         };
-        if !seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id_key(&job.id)) {
-            update(&|c| c.skipped += 1);
-            continue;
-        }
         // Wait for a free slot while finishing what runs, so results flow out as they come.
         let permit = loop {
             tokio::select! {

@@ -242,13 +242,11 @@ fn service_names(config: &Config, list: &str) -> Result<Vec<String>, Usage> {
     if list == "all" {
         return Ok(config.services.keys().cloned().collect());
     }
-    let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
-    if names.is_empty() {
-        return Err(Usage("no service named".into()));
+    let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
+    if names.iter().any(String::is_empty) {
+        return Err(Usage(format!("`{list}` has an empty service name; separate service names with single commas")));
     }
-    for name in &names {
-        config.service(name)?;
-    }
+    config.check_services(&names)?;
     Ok(names)
 }
 
@@ -260,6 +258,9 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
     };
     if names.len() > 1 && !fallback.is_empty() {
         return Err(Usage("--fallback goes with a single service, not a list".into()).into());
+    }
+    if !fallback.is_empty() {
+        config.check_services(&[names.clone(), fallback.clone()].concat()).map_err(Usage::from)?;
     }
     let files = service::check_files(&args.files).map_err(Usage)?;
     let prompt = if args.prompt == "-" {
@@ -356,16 +357,20 @@ fn print_fan_out_result(outcome: &Outcome, json: bool) -> Result<()> {
 
 async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<ExitCode> {
     let from_stdin = args.jobs_file.as_os_str() == "-";
-    let input: Box<dyn std::io::Read + Send> = if from_stdin {
-        Box::new(std::io::stdin())
+    // The jobs' file (stdin's, when it is one), so that results are never written into it.
+    let (input, input_file): (Box<dyn std::io::Read + Send>, Option<std::fs::Metadata>) = if from_stdin {
+        use std::os::fd::AsFd;
+        let stdin_file = std::io::stdin().as_fd().try_clone_to_owned().ok().and_then(|fd| std::fs::File::from(fd).metadata().ok());
+        (Box::new(std::io::stdin()), stdin_file.filter(|m| m.is_file()))
     } else {
         let file = std::fs::File::open(&args.jobs_file)
             .map_err(|e| Usage(format!("cannot read the jobs file {}: {e}", args.jobs_file.display())))?;
-        Box::new(file)
+        let meta = file.metadata().ok();
+        (Box::new(file), meta)
     };
     let input = std::io::BufReader::with_capacity(1 << 16, input);
     let results = match &args.output {
-        Some(path) => batch::open_results(path).map_err(|e| Usage(format!("{e:#}")))?,
+        Some(path) => batch::open_results(path, input_file.as_ref()).map_err(|e| Usage(format!("{e:#}")))?,
         None => batch::Results { writer: Box::new(std::io::stdout()), done: Vec::new() },
     };
     let runtime = runtime_for(config.services.values())?;

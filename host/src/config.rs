@@ -316,6 +316,18 @@ impl Config {
         })
     }
 
+    /// Checks the services of one request (a fan-out, or a service and its fallbacks): each
+    /// is configured, and none is named twice.
+    pub fn check_services(&self, names: &[String]) -> Result<(), ConfigError> {
+        for (i, name) in names.iter().enumerate() {
+            self.service(name)?;
+            if names[..i].contains(name) {
+                return Err(ConfigError(format!("service `{name}` is named twice; name each service once")));
+            }
+        }
+        Ok(())
+    }
+
     /// Names the configuration's origin for messages.
     pub fn describe(&self) -> String {
         self.path.as_ref().map_or_else(|| "the built-in services.toml".to_string(), |p| p.display().to_string())

@@ -201,6 +201,65 @@ fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
 }
 
 #[test]
+fn batch_reports_a_duplicate_id_with_both_line_numbers_and_runs_only_the_first() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(
+        &sandbox,
+        &[
+            r#"{"id": 7, "service": "echo", "prompt": "first"}"#.into(),
+            r#"{"id": "7", "service": "echo", "prompt": "a string id is another id"}"#.into(),
+            r#"{"id": 7, "service": "echo", "prompt": "second"}"#.into(),
+        ],
+    );
+    let results = sandbox.path("results.jsonl");
+    let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("jobs.jsonl:3: invalid job, skipped: duplicate id 7: line 1 has it already"), "{}", run.stderr);
+    let mut texts: Vec<String> = json_lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
+    texts.sort();
+    assert_eq!(texts, ["a string id is another id", "first"]);
+    // A rerun finds both ids done and still reports the duplicate.
+    let rerun = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
+    assert!(rerun.stderr.contains("jobs.jsonl:3: invalid job, skipped: duplicate id 7"), "{}", rerun.stderr);
+    assert!(rerun.stderr.contains("2 already done"), "{}", rerun.stderr);
+    let strict = sandbox.run(&["batch", &jobs, "--strict"]);
+    assert_eq!(strict.code, 2, "{strict:?}");
+}
+
+#[test]
+fn batch_refuses_to_write_results_into_its_own_jobs_file() {
+    let sandbox = Sandbox::new(BATCH);
+    // The last line has no newline: taken for results, it would be cut off as a torn write.
+    let text = "{\"id\": 1, \"service\": \"echo\", \"prompt\": \"one\"}\n{\"id\": 2, \"service\": \"echo\", \"prompt\": \"two\"}";
+    let jobs = sandbox.path("jobs.jsonl");
+    std::fs::write(&jobs, text).unwrap();
+    let link = sandbox.path("link.jsonl");
+    std::os::unix::fs::symlink(&jobs, &link).unwrap();
+    let jobs = jobs.to_str().unwrap();
+    for output in [jobs, link.to_str().unwrap()] {
+        let run = sandbox.run(&["batch", jobs, "-o", output]);
+        assert_eq!(run.code, 2, "{run:?}");
+        assert!(run.stderr.contains("is the jobs file; pass another -o file"), "{}", run.stderr);
+    }
+    let from_stdin = sandbox.host().args(["batch", "-", "-o", jobs]).stdin(std::fs::File::open(jobs).unwrap()).output().unwrap();
+    assert_eq!(from_stdin.status.code(), Some(2), "{from_stdin:?}");
+    assert_eq!(std::fs::read_to_string(jobs).unwrap(), text, "the jobs file is untouched");
+}
+
+#[test]
+fn a_request_naming_a_service_twice_or_an_empty_name_is_a_usage_error() {
+    let sandbox = Sandbox::new(BATCH);
+    for args in [&["run", "echo,echo", "hi"][..], &["run", "echo", "--fallback", "failing,echo", "hi"], &["run", "echo,", "hi"]] {
+        let run = sandbox.run(args);
+        assert_eq!((run.code, run.stdout.as_str()), (2, ""), "{args:?}: nothing runs: {run:?}");
+        assert!(run.stderr.contains("named twice") || run.stderr.contains("empty service name"), "{args:?}: {}", run.stderr);
+    }
+    let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "services": ["echo", "echo"], "prompt": "x"}"#.into()]);
+    let run = sandbox.run(&["batch", &jobs]);
+    assert!(run.stderr.contains("jobs.jsonl:1: invalid job, skipped: service `echo` is named twice"), "{}", run.stderr);
+}
+
+#[test]
 fn batch_reads_jobs_from_stdin() {
     let sandbox = Sandbox::new(BATCH);
     let input = "{\"id\": \"a\", \"service\": \"echo\", \"prompt\": \"from stdin\"}\n";
