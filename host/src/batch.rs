@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, parse_duration};
+use crate::config::{Config, parse_timeout};
 use crate::dispatch::{self, Context, Target};
 use crate::outcome::{FailureKind, Outcome};
 use crate::plugin::Runtime;
@@ -208,7 +208,7 @@ fn parse_job(config: &Config, number: u64, line: &str) -> Result<Job, String> {
     };
     config.check_services(names).map_err(|e| e.0)?;
     let files = check_files(&job.files)?;
-    let timeout = job.timeout.as_deref().map(parse_duration).transpose()?;
+    let timeout = job.timeout.as_deref().map(parse_timeout).transpose()?;
     let request = Request { prompt: job.prompt, files, model: job.model, options: job.options.into_iter().collect(), timeout };
     Ok(Job { id: job.id, line: number, plan, request })
 }

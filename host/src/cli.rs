@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, ConfigError, ServiceConfig, parse_duration};
+use crate::config::{Config, ConfigError, ServiceConfig, parse_duration, parse_timeout};
 use crate::batch;
 use crate::dispatch;
 use crate::ui::{BatchBar, StatusLines};
@@ -89,7 +89,7 @@ enum Command {
         /// Services to check (default: all).
         services: Vec<String>,
         /// Time each check may take.
-        #[arg(long, value_parser = parse_duration, value_name = "DURATION", default_value = "10s")]
+        #[arg(long, value_parser = parse_timeout, value_name = "DURATION", default_value = "10s")]
         timeout: Duration,
         /// Print JSON instead of lines.
         #[arg(long)]
@@ -112,7 +112,7 @@ struct RunArgs {
     #[arg(short, long)]
     model: Option<String>,
     /// Override the service's timeout, e.g. 90s, 1500ms, 2m.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_timeout, value_name = "DURATION")]
     timeout: Option<Duration>,
     /// A plugin-specific option KEY=VALUE (repeatable).
     #[arg(short = 'o', long = "option", value_parser = parse_option, value_name = "KEY=VALUE")]
@@ -125,7 +125,7 @@ struct RunArgs {
     #[arg(long, value_name = "SERVICES")]
     fallback: Option<String>,
     /// With several services: how many run at once (default: all of them).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = parse_jobs)]
     jobs: Option<usize>,
 }
 
@@ -139,11 +139,19 @@ struct BatchArgs {
     #[arg(short, long, value_name = "RESULTS")]
     output: Option<PathBuf>,
     /// How many jobs run at once.
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = parse_jobs)]
     jobs: usize,
     /// Stop at the first invalid line (exit 2) instead of reporting and skipping it.
     #[arg(long)]
     strict: bool,
+}
+
+fn parse_jobs(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("at least 1 job must run at a time".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{text}` is not a whole number: {e}")),
+    }
 }
 
 fn parse_option(text: &str) -> Result<(String, String), String> {

@@ -595,11 +595,24 @@ impl<'de> Deserialize<'de> for Secs {
             Raw::Float(f) => f,
             Raw::Text(text) => parse_duration(&text).map_err(de::Error::custom)?.as_secs_f64(),
         };
-        if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
+        if !seconds.is_finite() || !(0.0..=MAX_DURATION_SECS).contains(&seconds) {
             return Err(de::Error::custom(format!("invalid duration {seconds}: use a number of seconds or a string like \"90s\"")));
         }
         Ok(Secs(Duration::from_secs_f64(seconds)))
     }
+}
+
+/// The longest duration anything takes (about 31 years): longer ones are surely mistakes, and
+/// would overflow the clock's arithmetic.
+const MAX_DURATION_SECS: f64 = 1e9;
+
+/// A timeout given on the command line or in a job: a duration of more than 0.
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout.is_zero() {
+        return Err(format!("invalid timeout \"{text}\": it must be more than 0"));
+    }
+    Ok(timeout)
 }
 
 /// Parses "1500ms", "90s", "2m", "1h", "1d" or a bare number of seconds.
@@ -618,7 +631,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => 86400.0,
         other => return Err(format!("invalid duration unit \"{other}\" in \"{text}\": use ms, s, m, h or d")),
     };
-    Ok(Duration::from_secs_f64(value * factor))
+    let seconds = value * factor;
+    if seconds > MAX_DURATION_SECS {
+        return Err(format!("invalid duration \"{text}\": longer than the longest allowed, {MAX_DURATION_SECS} seconds"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
 }
 
 /// A size: a number of bytes or a string such as "16MiB", "512KiB", "1GiB", "10MB".
@@ -668,6 +685,8 @@ mod tests {
         assert_eq!(parse_duration("1500ms").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("99999999999999999999999999d").unwrap_err().contains("longer than"));
+        assert!(parse_timeout("0s").unwrap_err().contains("more than 0"));
         assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
         assert!(parse_size("16 parsecs").is_err());
     }

@@ -32,6 +32,28 @@ fn a_bad_duration_says_how_to_write_one() {
 }
 
 #[test]
+fn a_duration_too_long_for_the_clock_is_an_error_not_a_crash() {
+    let err = config_error("[services.x]\nplugin = \"template\"\ncommand = \"echo\"\ntimeout = \"99999999999999999999999999d\"\n");
+    assert!(err.contains("line 4") && err.contains("longer than the longest allowed"), "{err}");
+}
+
+#[test]
+fn command_line_timeouts_and_job_counts_out_of_range_are_usage_errors() {
+    let sandbox = Sandbox::new("[services.x]\nplugin = \"template\"\ncommand = \"echo\"\n");
+    for (args, says) in [
+        (&["run", "x", "--timeout", "0s", "hi"][..], "must be more than 0"),
+        (&["run", "x", "--timeout", "99999999999999999999999999d", "hi"], "longer than the longest allowed"),
+        (&["run", "x", "--jobs", "0", "hi"], "at least 1 job"),
+        (&["batch", "-", "--jobs", "0"], "at least 1 job"),
+        (&["health", "--timeout", "0ms"], "must be more than 0"),
+    ] {
+        let run = sandbox.run(args);
+        assert_eq!(run.code, 2, "{args:?}: {run:?}");
+        assert!(run.stderr.contains(says), "{args:?}: {}", run.stderr);
+    }
+}
+
+#[test]
 fn an_unknown_builtin_plugin_lists_the_builtins() {
     let err = config_error("[services.x]\nplugin = \"gemeni\"\ncommand = \"echo\"\n");
     assert!(err.contains(":2:10: service x: unknown built-in plugin `gemeni`"), "{err}");
