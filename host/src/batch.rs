@@ -305,11 +305,12 @@ pub async fn run(
     let mut running = futures::stream::FuturesUnordered::new();
     use futures::StreamExt;
     loop {
+        // Once cancelled, no job starts: those running finish (stopped) below.
         let item = tokio::select! {
             biased;
+            _ = ctx.cancel.cancelled() => None,
             Some(()) = running.next(), if !running.is_empty() => continue,
             item = items.next() => item,
-            _ = ctx.cancel.cancelled() => None,
         };
         let Some(item) = item else { break };
         let job = match item {
@@ -346,10 +347,13 @@ pub async fn run(
         // Wait for a free slot while finishing what runs, so results flow out as they come.
         let permit = loop {
             tokio::select! {
-                permit = permits.acquire() => break permit,
+                biased;
+                _ = ctx.cancel.cancelled() => break None,
+                permit = permits.acquire() => break Some(permit),
                 Some(()) = running.next(), if !running.is_empty() => {}
             }
         };
+        let Some(permit) = permit else { break };
         update(&|c| c.running += 1);
         let (services, ctx, output, update) = (services.clone(), ctx.clone(), &output, &update);
         running.push(async move {

@@ -125,6 +125,10 @@ struct Refusal {
 /// One attempt: admission (waiting for quota within `quota_wait`), the call, the record.
 async fn attempt(service: &Service, request: &Request, ctx: &Context, number: u32) -> Outcome {
     let config = &service.config;
+    if ctx.cancel.is_cancelled() {
+        // Stopping means starting nothing more, here after a wait for a slot or a retry.
+        return Outcome::failed(&config.name, Failure::new(FailureKind::Cancelled, format!("service {}: cancelled before it started", config.name)));
+    }
     let started_ms = ctx.clock.now();
     let Admitted { id, probe } = loop {
         match admit(ctx, config, request).await {

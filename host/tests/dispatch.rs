@@ -126,6 +126,34 @@ settings = { args = ["hang", "@DIR@", "{prompt}"] }
     assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
 }
 
+#[test]
+fn sigint_starts_no_fan_out_service_still_waiting_for_its_turn() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.first]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["touch", "@DIR@/started-first", "60", "{prompt}"] }
+
+[services.second]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["touch", "@DIR@/started-second", "60", "{prompt}"] }
+"#,
+    );
+    let mut child = sandbox.host().args(["run", "first,second", "--jobs", "1", "--json", "x"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(30), || sandbox.path("started-first").exists()), "the first service did not start");
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130));
+    assert!(!sandbox.path("started-second").exists(), "the second service started after the signal");
+    let second = json_lines(&String::from_utf8_lossy(&out.stdout)).into_iter().find(|r| r["service"] == "second").unwrap();
+    // Nothing was spawned (and then killed): no exit code, no signal.
+    assert_eq!(second["error"]["kind"], "cancelled", "{second}");
+    assert!(second["exit_code"].is_null() && second["signal"].is_null(), "{second}");
+}
+
 const BATCH: &str = r#"
 [defaults]
 retry = { max_attempts = 1 }
@@ -308,6 +336,31 @@ fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
     let mut ids: Vec<i64> = json_lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
     ids.sort();
     assert_eq!(ids, (0..40).collect::<Vec<_>>());
+}
+
+#[test]
+fn sigterm_stops_a_batch_without_starting_another_job() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.marking]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
+"#,
+    );
+    let jobs: Vec<String> = (0..20).map(|i| format!(r#"{{"id": {i}, "service": "marking", "prompt": "{i}"}}"#)).collect();
+    let jobs = write_jobs(&sandbox, &jobs);
+    let results = sandbox.path("results.jsonl");
+    let mut child = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
+    let started = || std::fs::read_dir(sandbox.path("")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("started-")).count();
+    assert!(eventually(Duration::from_secs(30), || started() == 2), "the first two jobs did not start");
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    assert_eq!(started(), 2, "no job started after the signal");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 interrupted (a rerun does them)"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&results).unwrap(), "", "an interrupted job has no result line");
 }
 
 #[test]
