@@ -79,10 +79,13 @@ pub struct Counts {
 }
 
 /// How the batch ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
     /// Every line was read.
     Complete,
+    /// A result could not be written (what went wrong): the batch stopped there, and the
+    /// jobs without a result line are done by a rerun.
+    Unwritable(String),
     /// `strict` and an invalid line: reading stopped there.
     Invalid,
     /// Cancelled.
@@ -134,11 +137,13 @@ pub fn open_results(path: &Path, jobs: Option<&std::fs::Metadata>) -> Result<Res
         .create(true)
         .open(path)
         .with_context(|| format!("opening the results file {}", path.display()))?;
-    if let Some(jobs) = jobs {
-        let results = file.metadata().with_context(|| format!("reading the results file {}", path.display()))?;
-        if (results.dev(), results.ino()) == (jobs.dev(), jobs.ino()) {
-            anyhow::bail!("the results file {} is the jobs file; pass another -o file", path.display());
-        }
+    let meta = file.metadata().with_context(|| format!("reading the results file {}", path.display()))?;
+    if jobs.is_some_and(|jobs| (meta.dev(), meta.ino()) == (jobs.dev(), jobs.ino())) {
+        anyhow::bail!("the results file {} is the jobs file; pass another -o file", path.display());
+    }
+    if !meta.is_file() {
+        // A pipe or a device (e.g. /dev/stdout): written to, never read back or cut.
+        return Ok(Results { writer: Box::new(file), done: Vec::new() });
     }
     let mut ids = Vec::new();
     let mut reader = std::io::BufReader::new(&file);
@@ -295,6 +300,7 @@ pub async fn run(
     let mut seen: HashMap<IdKey, u32> = results.done.into_iter().map(|id| (id, 0)).collect();
     let counts = Mutex::new(Counts::default());
     let output = Mutex::new(results.writer);
+    let unwritable: Mutex<Option<String>> = Mutex::new(None);
     let permits = tokio::sync::Semaphore::new(options.jobs.max(1));
     let update = |f: &dyn Fn(&mut Counts)| {
         let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -355,7 +361,7 @@ pub async fn run(
         };
         let Some(permit) = permit else { break };
         update(&|c| c.running += 1);
-        let (services, ctx, output, update) = (services.clone(), ctx.clone(), &output, &update);
+        let (services, ctx, output, update, unwritable) = (services.clone(), ctx.clone(), &output, &update, &unwritable);
         running.push(async move {
             let _permit = permit;
             let line = run_job(&services, &job, &ctx).await;
@@ -367,11 +373,24 @@ pub async fn run(
                 Some((text, ok)) => {
                     let written = {
                         let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-                        out.write_all(text.as_bytes()).and_then(|()| out.flush())
+                        let mut unwritable = unwritable.lock().unwrap_or_else(|p| p.into_inner());
+                        // After a failed write, which may have left part of a line, nothing
+                        // more is written: the torn line stays last, for the rerun to remove.
+                        if unwritable.is_some() {
+                            Err(())
+                        } else {
+                            out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| {
+                                *unwritable = Some(format!("writing the result of job {}: {e}", job.id));
+                            })
+                        }
                     };
-                    if let Err(e) = written {
-                        tracing::error!("writing the result of job {}: {e}", job.id);
+                    if written.is_err() {
                         ctx.cancel.cancel();
+                        update(&|c| {
+                            c.running -= 1;
+                            c.cancelled += 1;
+                        });
+                        return;
                     }
                     update(&|c| {
                         c.running -= 1;
@@ -383,7 +402,9 @@ pub async fn run(
     }
     while running.next().await.is_some() {}
     drop(items);
-    if ctx.cancel.is_cancelled() {
+    if let Some(why) = unwritable.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        end = End::Unwritable(why);
+    } else if ctx.cancel.is_cancelled() {
         end = End::Interrupted;
     }
     reader.await.context("the job reader panicked")??;

@@ -416,6 +416,10 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
     if let Some(signal) = *interrupted.borrow() {
         return Ok(ExitCode::from(128 + signal as u8));
     }
+    if let batch::End::Unwritable(why) = end {
+        let to = args.output.as_ref().map_or_else(|| "stdout".to_string(), |p| p.display().to_string());
+        anyhow::bail!("{why} (results: {to}); the batch stopped, and a rerun does the jobs without a result line");
+    }
     Ok(ExitCode::from(match end {
         batch::End::Invalid => EXIT_USAGE,
         _ if counts.failed > 0 => EXIT_FAILED,

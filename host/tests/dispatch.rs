@@ -141,7 +141,7 @@ command = "@FAKE@"
 settings = { args = ["touch", "@DIR@/started-second", "60", "{prompt}"] }
 "#,
     );
-    let mut child = sandbox.host().args(["run", "first,second", "--jobs", "1", "--json", "x"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let child = sandbox.host().args(["run", "first,second", "--jobs", "1", "--json", "x"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     assert!(eventually(Duration::from_secs(30), || sandbox.path("started-first").exists()), "the first service did not start");
     // SAFETY: signalling a process we started.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -351,7 +351,7 @@ settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
     let jobs: Vec<String> = (0..20).map(|i| format!(r#"{{"id": {i}, "service": "marking", "prompt": "{i}"}}"#)).collect();
     let jobs = write_jobs(&sandbox, &jobs);
     let results = sandbox.path("results.jsonl");
-    let mut child = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
+    let child = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
     let started = || std::fs::read_dir(sandbox.path("")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("started-")).count();
     assert!(eventually(Duration::from_secs(30), || started() == 2), "the first two jobs did not start");
     // SAFETY: signalling a process we started.
@@ -361,6 +361,19 @@ settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
     assert_eq!(started(), 2, "no job started after the signal");
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 interrupted (a rerun does them)"), "{out:?}");
     assert_eq!(std::fs::read_to_string(&results).unwrap(), "", "an interrupted job has no result line");
+}
+
+#[test]
+fn a_batch_that_cannot_write_its_results_stops_and_exits_1() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs: Vec<String> = (0..3).map(|i| format!(r#"{{"id": {i}, "service": "echo", "prompt": "{i}"}}"#)).collect();
+    let jobs = write_jobs(&sandbox, &jobs);
+    // A device that reads as endless zeros and refuses every write: it is not read back as
+    // earlier results, and the first failed write stops the batch.
+    let run = sandbox.run(&["batch", &jobs, "-o", "/dev/full"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("No space left on device") && run.stderr.contains("(results: /dev/full)"), "{}", run.stderr);
+    assert!(run.stderr.contains("0 ok, 0 failed"), "no job counts as done: {}", run.stderr);
 }
 
 #[test]
