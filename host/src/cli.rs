@@ -293,8 +293,8 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         let mut finished = Vec::new();
         while let Some(outcome) = outcomes.recv().await {
             match &lines {
-                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json))?,
-                None => print_fan_out_result(&outcome, args.json)?,
+                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json)).context("writing the results to stdout")?,
+                None => print_fan_out_result(&outcome, args.json).context("writing the results to stdout")?,
             }
             finished.push(outcome);
         }
@@ -305,7 +305,7 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         finished.iter().all(|o| o.success)
     } else {
         let outcome = dispatch::failover(targets, &request, &ctx).await;
-        print_outcome(&outcome, args.json)?;
+        print_outcome(&outcome, args.json).context("writing the result to stdout")?;
         outcome.success
     };
     if let Some(signal) = *interrupted.borrow() {
