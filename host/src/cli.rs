@@ -273,7 +273,10 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
     let files = service::check_files(&args.files).map_err(Usage)?;
     let prompt = if args.prompt == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading the prompt from stdin")?;
+        std::io::stdin().read_to_string(&mut text).map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => Usage("the prompt on stdin is not UTF-8 text".into()).into(),
+            _ => anyhow::Error::new(e).context("reading the prompt from stdin"),
+        })?;
         text
     } else {
         args.prompt

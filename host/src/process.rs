@@ -68,6 +68,8 @@ pub enum SpawnError {
     NotExecutable(String),
     #[error("the argument list for `{0}` is too long for the operating system")]
     TooLong(String),
+    #[error("an argument or environment variable for `{0}` contains a NUL byte, which a command line cannot carry")]
+    NulByte(String),
     #[error("cannot start `{program}`: {source}")]
     Other { program: String, source: io::Error },
 }
@@ -150,6 +152,10 @@ fn spawn_error(program: &str, source: io::Error) -> SpawnError {
 
 /// Runs the command to its end, or until a timeout or `cancel` stops its whole process group.
 pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, SpawnError> {
+    let mut texts = std::iter::once(&spec.program).chain(&spec.args).chain(spec.env.iter().flat_map(|(k, v)| [k, v]));
+    if texts.any(|t| t.contains('\0')) {
+        return Err(SpawnError::NulByte(spec.program.clone()));
+    }
     let mut cmd = command(spec);
     // Spawning suspends the calling thread until the child has called exec (vfork), which on
     // a busy machine means until the child gets a CPU: a worker thread does it, never the

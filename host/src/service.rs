@@ -154,6 +154,7 @@ impl Service {
                         (FailureKind::NotInstalled, "; install it or fix `command` in the configuration")
                     }
                     SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
+                    SpawnError::NulByte(_) => (FailureKind::InvalidRequest, "; send such input on stdin instead"),
                     SpawnError::Other { .. } => (FailureKind::Other, ""),
                 };
                 return self.fail(kind, format!("service {name}: {e}{hint}"));

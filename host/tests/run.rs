@@ -88,6 +88,24 @@ fn the_prompt_dash_is_read_from_stdin() {
 }
 
 #[test]
+fn a_prompt_with_a_nul_byte_is_an_invalid_request_and_runs_nothing() {
+    let sandbox = Sandbox::new(ARGV);
+    let run = sandbox.run_with_stdin(&["run", "argv", "--json", "-"], b"before\0after");
+    assert_eq!(run.code, 1, "{run:?}");
+    let json = run.json();
+    assert_eq!((json["error"]["kind"].as_str(), json["attempts"].as_u64()), (Some("invalid-request"), Some(1)), "{json}");
+    assert!(json["error"]["message"].as_str().unwrap().contains("contains a NUL byte"), "{json}");
+}
+
+#[test]
+fn a_prompt_on_stdin_that_is_not_utf8_is_a_usage_error() {
+    let sandbox = Sandbox::new(ARGV);
+    let run = sandbox.run_with_stdin(&["run", "argv", "-"], b"\xff\xfe");
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("the prompt on stdin is not UTF-8 text"), "{}", run.stderr);
+}
+
+#[test]
 fn human_output_is_the_answer_alone_on_stdout() {
     let sandbox = Sandbox::new(common::ECHO);
     let run = sandbox.run(&["run", "echo", "hello there"]);
