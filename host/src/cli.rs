@@ -248,6 +248,9 @@ fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Res
 /// Service names from a comma-separated list, or every service for `all`; each must exist.
 fn service_names(config: &Config, list: &str) -> Result<Vec<String>, Usage> {
     if list == "all" {
+        if config.services.is_empty() {
+            return Err(Usage(format!("no services are configured in {}; add one as [services.NAME]", config.describe())));
+        }
         return Ok(config.services.keys().cloned().collect());
     }
     let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();

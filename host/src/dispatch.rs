@@ -106,7 +106,9 @@ pub async fn failover(chain: Vec<Target>, request: &Request, ctx: &Context) -> O
             break;
         }
     }
-    let mut outcome = last.expect("a failover chain has at least one service");
+    let Some(mut outcome) = last else {
+        return Outcome::failed("", Failure::new(FailureKind::InvalidRequest, "no service to try"));
+    };
     outcome.tried = tried;
     outcome
 }

@@ -289,6 +289,14 @@ fn a_request_naming_a_service_twice_or_an_empty_name_is_a_usage_error() {
 }
 
 #[test]
+fn all_with_no_services_configured_is_a_usage_error() {
+    let sandbox = Sandbox::new("[defaults]\ntimeout = \"5s\"\n");
+    let run = sandbox.run(&["run", "all", "hi"]);
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("no services are configured"), "{}", run.stderr);
+}
+
+#[test]
 fn batch_reads_jobs_from_stdin() {
     let sandbox = Sandbox::new(BATCH);
     let input = "{\"id\": \"a\", \"service\": \"echo\", \"prompt\": \"from stdin\"}\n";
