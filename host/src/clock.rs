@@ -65,13 +65,14 @@ pub fn day_start(ms: Millis) -> Millis {
     ms - ms.rem_euclid(DAY_MS)
 }
 
-/// "in 23 s", "in 4 min", "in 2 h" from `now` to `then`.
+/// "in 23 s", "in 4 min", "in 2 h", "in 3 d" from `now` to `then`.
 pub fn from_now(now: Millis, then: Millis) -> String {
-    let secs = ((then - now).max(0) + 999) / 1000;
+    let secs = then.saturating_sub(now).max(0).saturating_add(999) / 1000;
     match secs {
         0..=119 => format!("in {secs} s"),
         120..=7199 => format!("in {} min", (secs + 59) / 60),
-        _ => format!("in {} h", (secs + 3599) / 3600),
+        7200..=172_799 => format!("in {} h", (secs + 3599) / 3600),
+        _ => format!("in {} d", (secs + 86_399) / 86_400),
     }
 }
 
@@ -124,5 +125,6 @@ mod tests {
         assert_eq!(utc_time(1_796_393_592_000), "14:13:12 UTC");
         assert_eq!(day_start(1_796_393_592_000), 1_796_342_400_000);
         assert_eq!(from_now(0, 23_000), "in 23 s");
+        assert_eq!(from_now(0, 3 * DAY_MS), "in 3 d");
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{Clock, from_now, utc_time};
+use crate::clock::{Clock, DAY_MS, from_now, utc_time, utc_timestamp};
 use crate::config::RetryPolicy;
 use crate::outcome::{Failure, FailureKind, Outcome};
 
@@ -36,7 +36,7 @@ pub fn next(policy: &RetryPolicy, attempt: u32, elapsed: Duration, failure: &Fai
             let at = now + after.as_millis() as i64;
             return Next::GiveUp(format!(
                 "the service accepts requests again at {} ({}), later than this retry policy waits (max_delay {:?}, max_elapsed {:?})",
-                utc_time(at),
+                if at - now < DAY_MS { utc_time(at) } else { utc_timestamp(at) },
                 from_now(now, at),
                 policy.max_delay,
                 policy.max_elapsed

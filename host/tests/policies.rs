@@ -14,7 +14,7 @@ fn ledger(sandbox: &Sandbox) -> Vec<(String, bool, i64)> {
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap().map(Result::unwrap).collect()
 }
 
-fn flaky(failures: u32, retry_after: Option<u32>, policy: &str) -> Sandbox {
+fn flaky(failures: u32, retry_after: Option<u64>, policy: &str) -> Sandbox {
     let after = retry_after.map(|s| format!(", \"{s}\"")).unwrap_or_default();
     Sandbox::new(&format!(
         r#"
@@ -87,6 +87,18 @@ fn a_retry_after_beyond_max_delay_stops_at_once_saying_when() {
     assert_eq!(j["attempts"], 1);
     let message = j["error"]["message"].as_str().unwrap();
     assert!(message.contains("accepts requests again at") && message.contains("(in 90 s)"), "{message}");
+}
+
+#[test]
+fn an_absurd_retry_after_is_capped_and_reported_with_its_date() {
+    // About u64::MAX milliseconds: past what the clock can add to now.
+    let sandbox = flaky(1, Some(18_446_744_073_709_551), "max_attempts = 3");
+    let run = sandbox.run(&["run", "flaky", "--json", "x"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let j = run.json();
+    assert_eq!(j["error"]["retry_after_ms"], 1_000_000_000_000_u64, "capped at about 31 years");
+    let message = j["error"]["message"].as_str().unwrap();
+    assert!(message.contains("Z (in 11575 d)"), "a date, not a time of day: {message}");
 }
 
 fn switch_sandbox(breaker: &str) -> Sandbox {
