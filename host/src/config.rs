@@ -283,8 +283,19 @@ impl Config {
                 None => "{}".to_string(),
             };
             let limits = svc.apply(&defaults);
-            if limits.timeout.is_zero() {
-                return Err(ConfigError(format!("{file_name}: service {name}: `timeout` must be more than 0")));
+            let limit_error = if limits.timeout.is_zero() {
+                Some("`timeout` must be more than 0")
+            } else if limits.plugin_time.is_zero() {
+                Some("`plugin_time` must be more than 0")
+            } else if limits.max_output == 0 {
+                Some("`max_output` must be more than 0")
+            } else if !(MIN_PLUGIN_MEMORY..=MAX_PLUGIN_MEMORY).contains(&limits.plugin_memory) {
+                Some("`plugin_memory` must be from 1MiB to 4GiB (the most a 32-bit WebAssembly memory holds)")
+            } else {
+                None
+            };
+            if let Some(why) = limit_error {
+                return Err(ConfigError(format!("{file_name}: service {name}: {why}")));
             }
             services.insert(
                 name.clone(),
@@ -601,6 +612,9 @@ impl<'de> Deserialize<'de> for Secs {
         Ok(Secs(Duration::from_secs_f64(seconds)))
     }
 }
+
+const MIN_PLUGIN_MEMORY: u64 = 1 << 20;
+const MAX_PLUGIN_MEMORY: u64 = 4 << 30;
 
 /// The longest duration anything takes (about 31 years): longer ones are surely mistakes, and
 /// would overflow the clock's arithmetic.

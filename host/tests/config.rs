@@ -54,6 +54,19 @@ fn command_line_timeouts_and_job_counts_out_of_range_are_usage_errors() {
 }
 
 #[test]
+fn limits_out_of_range_are_errors_naming_the_service_and_the_key() {
+    for (line, says) in [
+        ("plugin_memory = \"100GiB\"", "`plugin_memory` must be from 1MiB to 4GiB"),
+        ("plugin_memory = \"1KiB\"", "`plugin_memory` must be from 1MiB to 4GiB"),
+        ("plugin_time = \"0s\"", "`plugin_time` must be more than 0"),
+        ("max_output = 0", "`max_output` must be more than 0"),
+    ] {
+        let err = config_error(&format!("[services.x]\nplugin = \"template\"\ncommand = \"echo\"\n{line}\n"));
+        assert!(err.contains(&format!("service x: {says}")), "{line}: {err}");
+    }
+}
+
+#[test]
 fn an_unknown_builtin_plugin_lists_the_builtins() {
     let err = config_error("[services.x]\nplugin = \"gemeni\"\ncommand = \"echo\"\n");
     assert!(err.contains(":2:10: service x: unknown built-in plugin `gemeni`"), "{err}");
