@@ -363,6 +363,9 @@ fn resolve_plugin(spec: &str, base_dir: &Path) -> Result<PluginSource, String> {
         ));
     }
     let path = base_dir.join(spec);
+    if path.is_dir() {
+        return Err(format!("plugin file {} is a directory: name the .wasm file in it", path.display()));
+    }
     if !path.is_file() {
         return Err(format!("plugin file {} does not exist (paths are relative to the configuration file)", path.display()));
     }

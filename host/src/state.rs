@@ -133,7 +133,8 @@ impl State {
     pub fn open(path: &Path) -> Result<Arc<State>> {
         let advice = "move the file away or delete it (it holds breaker states, quota counts and the usage ledger), or pass --state PATH";
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating the state directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the state directory {} (pass --state PATH, or --no-state)", dir.display()))?;
         }
         let conn = Connection::open(path).with_context(|| format!("opening the state file {}", path.display()))?;
         // No checkpoint (with its fsync) at every short-lived process's exit: see `prepare`
