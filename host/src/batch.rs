@@ -161,6 +161,9 @@ pub fn open_results(path: &Path, jobs: Option<&std::fs::Metadata>) -> Result<Res
             break;
         }
         complete_len += n as u64;
+        if line.trim_ascii().is_empty() {
+            continue;
+        }
         let value: serde_json::Value = serde_json::from_slice(&line)
             .with_context(|| format!("{}:{number}: not a result line; pass another -o file", path.display()))?;
         let id = value.get("id").with_context(|| format!("{}:{number}: a result line without an id", path.display()))?;

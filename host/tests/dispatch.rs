@@ -385,11 +385,11 @@ fn a_batch_that_cannot_write_its_results_stops_and_exits_1() {
 }
 
 #[test]
-fn batch_removes_a_last_result_line_cut_short() {
+fn batch_removes_a_last_result_line_cut_short_and_passes_over_blank_lines() {
     let sandbox = Sandbox::new(BATCH);
     let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "echo", "prompt": "one"}"#.into(), r#"{"id": 2, "service": "echo", "prompt": "two"}"#.into()]);
     let results = sandbox.path("results.jsonl");
-    std::fs::write(&results, "{\"id\":1,\"success\":true}\n{\"id\":2,\"succ").unwrap();
+    std::fs::write(&results, "{\"id\":1,\"success\":true}\n\r\n{\"id\":2,\"succ").unwrap();
     let run = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
     assert_eq!(run.code, 0, "{run:?}");
     let ids: Vec<i64> = json_lines(&std::fs::read_to_string(&results).unwrap()).iter().map(|r| r["id"].as_i64().unwrap()).collect();
