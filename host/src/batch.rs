@@ -145,6 +145,17 @@ pub fn open_results(path: &Path, jobs: Option<&std::fs::Metadata>) -> Result<Res
         // A pipe or a device (e.g. /dev/stdout): written to, never read back or cut.
         return Ok(Results { writer: Box::new(file), done: Vec::new() });
     }
+    // Two batches appending to one file would each run the jobs the other is running. The
+    // lock goes with the file descriptor, so it lasts as long as this process writes.
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            anyhow::bail!("the results file {} is in use by another host batch; wait for it to end, or pass another -o file", path.display())
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking the results file {}", path.display()));
+        }
+    }
     let mut ids = Vec::new();
     let mut reader = std::io::BufReader::new(&file);
     let mut line = Vec::new();

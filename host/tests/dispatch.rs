@@ -372,6 +372,28 @@ settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
 }
 
 #[test]
+fn a_second_batch_on_the_same_results_file_is_refused_while_the_first_runs() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.marking]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
+"#,
+    );
+    let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "marking", "prompt": "1"}"#.into()]);
+    let results = sandbox.path("results.jsonl");
+    let first = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(30), || sandbox.path("started-1").exists()), "the first batch did not start");
+    let second = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
+    assert_eq!(second.code, 2, "{second:?}");
+    assert!(second.stderr.contains("is in use by another host batch"), "{}", second.stderr);
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    assert_eq!(first.wait_with_output().unwrap().status.code(), Some(130));
+}
+
+#[test]
 fn a_batch_that_cannot_write_its_results_stops_and_exits_1() {
     let sandbox = Sandbox::new(BATCH);
     let jobs: Vec<String> = (0..3).map(|i| format!(r#"{{"id": {i}, "service": "echo", "prompt": "{i}"}}"#)).collect();
