@@ -3,7 +3,7 @@
 
 use std::io;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -162,20 +162,50 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
     // async thread.
     let spawned = tokio::task::spawn_blocking(move || {
         let at = Instant::now();
-        cmd.spawn().map(|child| (child, at))
+        cmd.spawn().map(|child| {
+            let group = GroupGuard::new(&child);
+            (child, group, at)
+        })
     })
     .await;
     match spawned {
-        Ok(Ok((child, started))) => Ok(finish(child, started, spec, cancel).await),
+        Ok(Ok((child, group, started))) => Ok(finish(child, group, started, spec, cancel).await),
         Ok(Err(source)) => Err(spawn_error(&spec.program, source)),
         Err(e) => Err(SpawnError::Other { program: spec.program.clone(), source: io::Error::other(format!("the spawning thread failed: {e}")) }),
     }
 }
 
+/// Stops a command's whole process group if the wait for it is abandoned: when the future
+/// running it is dropped (the host exiting on an error, say) before the leader was reaped.
+/// Until then the group id is still the leader's, so no other process can have taken it.
+struct GroupGuard {
+    pgid: i32,
+    armed: AtomicBool,
+}
+
+impl GroupGuard {
+    fn new(child: &Child) -> GroupGuard {
+        GroupGuard { pgid: child.id().map(|id| id as i32).unwrap_or(0), armed: AtomicBool::new(true) }
+    }
+
+    /// The leader has been reaped: from now on its group id may belong to someone else.
+    fn disarm(&self) {
+        self.armed.store(false, Ordering::Relaxed);
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.pgid > 0 && self.armed.load(Ordering::Relaxed) {
+            signal_group(self.pgid, libc::SIGKILL);
+        }
+    }
+}
+
 /// Waits for a started process to end, or stops its whole process group when a timeout or
 /// `cancel` fires; captures its output meanwhile.
-async fn finish(mut child: Child, started: Instant, spec: &Spec, cancel: &CancellationToken) -> Finished {
-    let pgid = child.id().map(|id| id as i32).unwrap_or(0);
+async fn finish(mut child: Child, group: GroupGuard, started: Instant, spec: &Spec, cancel: &CancellationToken) -> Finished {
+    let pgid = group.pgid;
 
     // Everything below runs in this one task: the readers, the stdin writer and the
     // supervisor are polled together, so a request costs no extra task wake-ups.
@@ -207,6 +237,7 @@ async fn finish(mut child: Child, started: Instant, spec: &Spec, cancel: &Cancel
     let err = capture(child.stderr.take(), spec.max_output, &activity, started, give_up());
     let supervisor = async {
         let ended = supervise(&mut child, pgid, spec, &activity, started, cancel).await;
+        group.disarm();
         let duration = started.elapsed();
         // The leader is gone; nothing it left behind in its group may outlive the request.
         if pgid > 0 {

@@ -127,6 +127,31 @@ settings = { args = ["hang", "@DIR@", "{prompt}"] }
 }
 
 #[test]
+fn a_fan_out_that_cannot_print_its_results_leaves_no_process_behind() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.later]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["sleep", "1", "{prompt}"] }
+
+[services.hang]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["hang", "@DIR@", "{prompt}"] }
+"#,
+    );
+    let mut child = sandbox.host().args(["run", "later,hang", "x"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    // Nobody reads the answers any more: printing the first one fails, and the host exits.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writing the results to stdout"), "{out:?}");
+    assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
+}
+
+#[test]
 fn sigint_starts_no_fan_out_service_still_waiting_for_its_turn() {
     let sandbox = Sandbox::new(
         r#"
