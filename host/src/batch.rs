@@ -280,18 +280,21 @@ pub async fn run(
     let batch_len = options.jobs.clamp(1, READ_BATCH);
     let reader = tokio::task::spawn_blocking(move || -> Result<()> {
         let mut input = input;
-        let (mut number, mut line, mut batch) = (0u64, String::new(), Vec::with_capacity(batch_len));
+        let (mut number, mut bytes, mut batch) = (0u64, Vec::new(), Vec::with_capacity(batch_len));
         loop {
-            line.clear();
-            let n = input.read_line(&mut line).with_context(|| format!("reading line {} of the jobs", number + 1))?;
+            bytes.clear();
+            let n = input.read_until(b'\n', &mut bytes).with_context(|| format!("reading line {} of the jobs", number + 1))?;
             if n > 0 {
                 number += 1;
-                if !line.trim().is_empty() {
-                    batch.push(match parse_job(&config_for_reader, number, line.trim_end_matches(['\n', '\r'])) {
+                let item = match std::str::from_utf8(&bytes) {
+                    Ok(line) if line.trim().is_empty() => None,
+                    Ok(line) => Some(match parse_job(&config_for_reader, number, line.trim_end_matches(['\n', '\r'])) {
                         Ok(job) => Item::Job(job),
                         Err(message) => Item::Invalid(number, message),
-                    });
-                }
+                    }),
+                    Err(e) => Some(Item::Invalid(number, format!("not UTF-8 text (at byte {})", e.valid_up_to() + 1))),
+                };
+                batch.extend(item);
             }
             let more_buffered = n > 0 && !input.buffer().is_empty();
             if !batch.is_empty() && (batch.len() >= batch_len || !more_buffered) {

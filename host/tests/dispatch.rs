@@ -255,6 +255,22 @@ fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
 }
 
 #[test]
+fn batch_reports_a_line_that_is_not_utf8_and_runs_the_others() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = sandbox.path("jobs.jsonl");
+    let mut text = br#"{"id": 1, "service": "echo", "prompt": "one"}"#.to_vec();
+    text.extend(b"\n{\"id\": 2, \"service\": \"echo\", \"prompt\": \"\xff\"}\n");
+    text.extend(br#"{"id": 3, "service": "echo", "prompt": "three"}"#);
+    std::fs::write(&jobs, text).unwrap();
+    let run = sandbox.run(&["batch", jobs.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("jobs.jsonl:2: invalid job, skipped: not UTF-8 text"), "{}", run.stderr);
+    let mut ids: Vec<i64> = json_lines(&run.stdout).iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, [1, 3]);
+}
+
+#[test]
 fn batch_reports_a_duplicate_id_with_both_line_numbers_and_runs_only_the_first() {
     let sandbox = Sandbox::new(BATCH);
     let jobs = write_jobs(
