@@ -255,6 +255,8 @@ impl Services<'_> {
 enum Item {
     Job(Job),
     Invalid(u64, String),
+    /// The input could not be read (what went wrong); nothing follows.
+    Unreadable(String),
 }
 
 /// The most parsed lines handed from the reader thread at once.
@@ -278,12 +280,21 @@ pub async fn run(
     let (item_tx, mut batches) = tokio::sync::mpsc::channel::<Vec<Item>>(4);
     let cancel = ctx.cancel.clone();
     let batch_len = options.jobs.clamp(1, READ_BATCH);
-    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+    // A thread of its own, never waited for when the batch stops early: a read from a
+    // terminal or a pipe may block for ever, and must not keep Ctrl-C from ending the host.
+    let read = move || {
         let mut input = input;
         let (mut number, mut bytes, mut batch) = (0u64, Vec::new(), Vec::with_capacity(batch_len));
         loop {
             bytes.clear();
-            let n = input.read_until(b'\n', &mut bytes).with_context(|| format!("reading line {} of the jobs", number + 1))?;
+            let n = match input.read_until(b'\n', &mut bytes) {
+                Ok(n) => n,
+                Err(e) => {
+                    batch.push(Item::Unreadable(format!("reading line {} of the jobs: {e}", number + 1)));
+                    let _ = item_tx.blocking_send(batch);
+                    return;
+                }
+            };
             if n > 0 {
                 number += 1;
                 let item = match std::str::from_utf8(&bytes) {
@@ -307,8 +318,8 @@ pub async fn run(
                 break;
             }
         }
-        Ok(())
-    });
+    };
+    let reader = std::thread::Builder::new().name("jobs-reader".into()).spawn(read).context("starting the jobs reader")?;
     let mut items = futures::stream::poll_fn(move |cx| batches.poll_recv(cx)).flat_map(futures::stream::iter);
 
     let services = Arc::new(Services { config, runtime, loaded: Mutex::new(HashMap::new()) });
@@ -325,6 +336,7 @@ pub async fn run(
         (listener.progress)(*c);
     };
     let mut end = End::Complete;
+    let (mut exhausted, mut unreadable) = (false, None);
     let mut running = futures::stream::FuturesUnordered::new();
     use futures::StreamExt;
     loop {
@@ -333,10 +345,17 @@ pub async fn run(
             biased;
             _ = ctx.cancel.cancelled() => None,
             Some(()) = running.next(), if !running.is_empty() => continue,
-            item = items.next() => item,
+            item = items.next() => {
+                exhausted = item.is_none();
+                item
+            }
         };
         let Some(item) = item else { break };
         let job = match item {
+            Item::Unreadable(why) => {
+                unreadable = Some(why);
+                break;
+            }
             Item::Invalid(number, message) => Err((number, message)),
             Item::Job(job) => match seen.entry(id_key(&job.id)) {
                 std::collections::hash_map::Entry::Vacant(slot) => {
@@ -424,7 +443,14 @@ pub async fn run(
     } else if ctx.cancel.is_cancelled() {
         end = End::Interrupted;
     }
-    reader.await.context("the job reader panicked")??;
+    if let Some(why) = unreadable {
+        anyhow::bail!(why);
+    }
+    if exhausted {
+        // The reader sent all it read and ended; one that died early must not pass for the
+        // end of the input.
+        reader.join().map_err(|_| anyhow::anyhow!("the jobs reader failed"))?;
+    }
     let counts = *counts.lock().unwrap_or_else(|p| p.into_inner());
     Ok((counts, end))
 }

@@ -367,6 +367,28 @@ fn batch_from_stdin_answers_each_job_before_the_input_ends() {
 }
 
 #[test]
+fn sigint_ends_a_batch_reading_stdin_while_its_input_stays_open() {
+    use std::io::Write;
+    let sandbox = Sandbox::new(BATCH);
+    let mut child = sandbox.host().args(["batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, r#"{{"id": "a", "service": "echo", "prompt": "one"}}"#).unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("\"id\":\"a\""), "{first}");
+    // SAFETY: signalling a process we started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // The input is still open (and may never end): the host must not wait for it.
+    let mut status = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }), "the host waited for its input after SIGINT");
+    assert_eq!(status.unwrap().code(), Some(130));
+    drop(stdin);
+}
+
+#[test]
 fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
     let sandbox = Sandbox::new(BATCH);
     let jobs: Vec<String> = (0..40).map(|i| format!(r#"{{"id": {i}, "service": "slow", "prompt": "job {i}"}}"#)).collect();
