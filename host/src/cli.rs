@@ -380,6 +380,9 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
         let file = std::fs::File::open(&args.jobs_file)
             .map_err(|e| Usage(format!("cannot read the jobs file {}: {e}", args.jobs_file.display())))?;
         let meta = file.metadata().ok();
+        if meta.as_ref().is_some_and(|m| m.is_dir()) {
+            return Err(Usage(format!("the jobs file {} is a directory", args.jobs_file.display())).into());
+        }
         (Box::new(file), meta)
     };
     let input = std::io::BufReader::with_capacity(1 << 16, input);
