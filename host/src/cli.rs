@@ -20,7 +20,7 @@ use crate::health::check_all;
 use crate::report;
 use crate::state::State;
 use crate::plugin::Runtime;
-use crate::process::find_program;
+use crate::process::{self, find_program};
 use crate::service::{self, Outcome, Request, Service};
 
 /// Exit codes: 0 success, 1 a service failed, 2 usage or configuration error;
@@ -294,7 +294,7 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
     let all_ok = if names.len() > 1 {
         let lines = StatusLines::new(&names);
         ctx.observer = lines.as_ref().map(|l| l.observer());
-        let jobs = args.jobs.unwrap_or(names.len());
+        let jobs = within_open_files_limit(args.jobs.unwrap_or(names.len()));
         let mut outcomes = dispatch::fan_out(targets, Arc::new(request), ctx, jobs);
         let mut finished = Vec::new();
         while let Some(outcome) = outcomes.recv().await {
@@ -406,7 +406,7 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
         }),
         invalid: Box::new(move |line, message| eprintln!("host: {jobs_file}:{line}: invalid job, skipped: {message}")),
     };
-    let options = batch::Options { jobs: args.jobs, strict: args.strict };
+    let options = batch::Options { jobs: within_open_files_limit(args.jobs), strict: args.strict };
     let (counts, end) = batch::run(config, &runtime, ctx, input, results, options, listener).await?;
     if let Some(bar) = bar.as_ref() {
         bar.clear();
@@ -434,6 +434,21 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
         _ if counts.failed > 0 => EXIT_FAILED,
         _ => 0,
     }))
+}
+
+/// `jobs`, or fewer if this process may not open enough files to run that many commands at
+/// once (each would fail to start, and count against its service's circuit); says so.
+fn within_open_files_limit(jobs: usize) -> usize {
+    match process::command_limit() {
+        Some((most, files)) if jobs > most => {
+            eprintln!(
+                "host: warning: running {most} at a time, not {jobs}: each running command needs about {} open files, and this process may open {files} (raise it with `ulimit -n`)",
+                process::FILES_PER_COMMAND
+            );
+            most
+        }
+        _ => jobs,
+    }
 }
 
 /// Cancels `cancel` on SIGINT or SIGTERM; the receiver says which arrived.

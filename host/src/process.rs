@@ -70,6 +70,8 @@ pub enum SpawnError {
     TooLong(String),
     #[error("an argument or environment variable for `{0}` contains a NUL byte, which a command line cannot carry")]
     NulByte(String),
+    #[error("cannot start `{program}` for now: {source}")]
+    Resources { program: String, source: io::Error },
     #[error("cannot start `{program}`: {source}")]
     Other { program: String, source: io::Error },
 }
@@ -117,6 +119,25 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
     std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| executable(p))
 }
 
+/// Open files a running command holds in the host (its output pipes and pidfd, and its
+/// input pipe), with room for those a spawn holds for a moment.
+pub const FILES_PER_COMMAND: u64 = 4;
+/// Open files the host keeps for itself: standard streams, the state store, the jobs and
+/// results files, the compiled plugins, the runtime's event queue and signal pipes.
+const FILES_FOR_THE_HOST: u64 = 32;
+
+/// How many commands may run at once within this process's limit on open files
+/// (`ulimit -n`), and that limit; `None` when there is no limit to speak of.
+pub fn command_limit() -> Option<(usize, u64)> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    let commands = limit.rlim_cur.saturating_sub(FILES_FOR_THE_HOST) / FILES_PER_COMMAND;
+    Some((usize::try_from(commands).unwrap_or(usize::MAX).max(1), limit.rlim_cur))
+}
+
 /// Sends `signal` to the whole process group `pgid`; a group that is gone is not an error.
 fn signal_group(pgid: i32, signal: i32) {
     // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory.
@@ -146,6 +167,11 @@ fn spawn_error(program: &str, source: io::Error) -> SpawnError {
         io::ErrorKind::NotFound => SpawnError::NotFound(program),
         io::ErrorKind::PermissionDenied => SpawnError::NotExecutable(program),
         _ if source.raw_os_error() == Some(libc::E2BIG) => SpawnError::TooLong(program),
+        // The host's or the system's limits on open files, processes or memory: another try
+        // may find them freed.
+        _ if matches!(source.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::EAGAIN | libc::ENOMEM)) => {
+            SpawnError::Resources { program, source }
+        }
         _ => SpawnError::Other { program, source },
     }
 }

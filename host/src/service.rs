@@ -155,6 +155,7 @@ impl Service {
                     }
                     SpawnError::TooLong(_) => (FailureKind::InvalidRequest, "; send large input on stdin instead"),
                     SpawnError::NulByte(_) => (FailureKind::InvalidRequest, "; send such input on stdin instead"),
+                    SpawnError::Resources { .. } => (FailureKind::Transient, "; run fewer at a time (--jobs) or raise the limit (ulimit -n, ulimit -u)"),
                     SpawnError::Other { .. } => (FailureKind::Other, ""),
                 };
                 return self.fail(kind, format!("service {name}: {e}{hint}"));

@@ -338,6 +338,29 @@ fn all_with_no_services_configured_is_a_usage_error() {
 }
 
 #[test]
+fn batch_runs_no_more_commands_at_once_than_its_open_files_limit_allows() {
+    use std::os::unix::process::CommandExt;
+    let sandbox = Sandbox::new(BATCH);
+    let jobs: Vec<String> = (0..40).map(|i| format!(r#"{{"id": {i}, "service": "slow", "prompt": "{i}"}}"#)).collect();
+    let jobs = write_jobs(&sandbox, &jobs);
+    let mut host = sandbox.host();
+    host.args(["batch", &jobs, "--jobs", "100"]);
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        host.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+        });
+    }
+    let out = host.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("running 8 at a time, not 100") && stderr.contains("may open 64"), "{stderr}");
+    let results = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!((results.len(), results.iter().all(|r| r["success"] == true)), (40, true), "every job ran: {stderr}");
+}
+
+#[test]
 fn batch_reads_jobs_from_stdin() {
     let sandbox = Sandbox::new(BATCH);
     let input = "{\"id\": \"a\", \"service\": \"echo\", \"prompt\": \"from stdin\"}\n";
