@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Sandbox, alive, eventually, json_lines, read_pid};
+use common::{Sandbox, alive, eventually, json_lines, read_pid, send_signal};
 use serde_json::Value;
 
 const MIXED: &str = r#"
@@ -117,8 +117,7 @@ settings = { args = ["hang", "@DIR@", "{prompt}"] }
     stdout.read_line(&mut first).unwrap();
     assert!(first.contains("\"service\":\"quick\""), "{first}");
     let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    send_signal(&child, libc::SIGINT);
     assert_eq!(child.wait().unwrap().code(), Some(130));
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
@@ -168,8 +167,7 @@ settings = { args = ["touch", "@DIR@/started-second", "60", "{prompt}"] }
     );
     let child = sandbox.host().args(["run", "first,second", "--jobs", "1", "--json", "x"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     assert!(eventually(Duration::from_secs(30), || sandbox.path("started-first").exists()), "the first service did not start");
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    send_signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130));
     assert!(!sandbox.path("started-second").exists(), "the second service started after the signal");
@@ -178,6 +176,14 @@ settings = { args = ["touch", "@DIR@/started-second", "60", "{prompt}"] }
     assert_eq!(second["error"]["kind"], "cancelled", "{second}");
     assert!(second["exit_code"].is_null() && second["signal"].is_null(), "{second}");
 }
+
+/// A service whose command marks that it started (`started-PROMPT`) and then runs a minute.
+const MARKING: &str = r#"
+[services.marking]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
+"#;
 
 const BATCH: &str = r#"
 [defaults]
@@ -399,8 +405,7 @@ fn sigint_ends_a_batch_reading_stdin_while_its_input_stays_open() {
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
     assert!(first.contains("\"id\":\"a\""), "{first}");
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    send_signal(&child, libc::SIGINT);
     // The input is still open (and may never end): the host must not wait for it.
     let mut status = None;
     assert!(eventually(Duration::from_secs(10), || {
@@ -434,22 +439,14 @@ fn batch_resumes_after_sigkill_with_every_id_exactly_once() {
 
 #[test]
 fn sigterm_stops_a_batch_without_starting_another_job() {
-    let sandbox = Sandbox::new(
-        r#"
-[services.marking]
-plugin = "template"
-command = "@FAKE@"
-settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
-"#,
-    );
+    let sandbox = Sandbox::new(MARKING);
     let jobs: Vec<String> = (0..20).map(|i| format!(r#"{{"id": {i}, "service": "marking", "prompt": "{i}"}}"#)).collect();
     let jobs = write_jobs(&sandbox, &jobs);
     let results = sandbox.path("results.jsonl");
     let child = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap(), "--jobs", "2"]).stderr(Stdio::piped()).spawn().unwrap();
     let started = || std::fs::read_dir(sandbox.path("")).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("started-")).count();
     assert!(eventually(Duration::from_secs(30), || started() == 2), "the first two jobs did not start");
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    send_signal(&child, libc::SIGTERM);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143));
     assert_eq!(started(), 2, "no job started after the signal");
@@ -459,14 +456,7 @@ settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
 
 #[test]
 fn a_second_batch_on_the_same_results_file_is_refused_while_the_first_runs() {
-    let sandbox = Sandbox::new(
-        r#"
-[services.marking]
-plugin = "template"
-command = "@FAKE@"
-settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
-"#,
-    );
+    let sandbox = Sandbox::new(MARKING);
     let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "marking", "prompt": "1"}"#.into()]);
     let results = sandbox.path("results.jsonl");
     let first = sandbox.host().args(["batch", &jobs, "-o", results.to_str().unwrap()]).stderr(Stdio::null()).spawn().unwrap();
@@ -474,8 +464,7 @@ settings = { args = ["touch", "@DIR@/started-{prompt}", "60"] }
     let second = sandbox.run(&["batch", &jobs, "-o", results.to_str().unwrap()]);
     assert_eq!(second.code, 2, "{second:?}");
     assert!(second.stderr.contains("is in use by another host batch"), "{}", second.stderr);
-    // SAFETY: signalling a process we started.
-    unsafe { libc::kill(first.id() as i32, libc::SIGINT) };
+    send_signal(&first, libc::SIGINT);
     assert_eq!(first.wait_with_output().unwrap().status.code(), Some(130));
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, alive, eventually, read_pid};
+use common::{Sandbox, alive, eventually, read_pid, send_signal};
 
 fn hang_sandbox(mode: &str, limits: &str) -> Sandbox {
     Sandbox::new(&format!(
@@ -80,8 +80,7 @@ fn interrupt_hanging_run(signal: i32) -> Option<i32> {
     let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
     let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
-    // SAFETY: sending a signal to a process we started.
-    unsafe { libc::kill(child.id() as i32, signal) };
+    send_signal(&child, signal);
     let status = child.wait().unwrap();
     assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
     status.code()

@@ -126,6 +126,12 @@ impl Sandbox {
     }
 }
 
+/// Sends `signal` (e.g. `libc::SIGINT`) to a `host` process the test started.
+pub fn send_signal(child: &std::process::Child, signal: i32) {
+    // SAFETY: kill(2) only sends a signal, to a process this test started and has not reaped.
+    unsafe { libc::kill(child.id() as i32, signal) };
+}
+
 /// True while a process with this pid exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
