@@ -123,7 +123,8 @@ pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
 /// input pipe), with room for those a spawn holds for a moment.
 pub const FILES_PER_COMMAND: u64 = 4;
 /// Open files the host keeps for itself: standard streams, the state store, the jobs and
-/// results files, the compiled plugins, the runtime's event queue and signal pipes.
+/// results files, the compiled plugins, the runtime's event queue and signal pipes. Files
+/// open when the limit is worked out (some perhaps inherited) count beyond half of these.
 const FILES_FOR_THE_HOST: u64 = 32;
 
 /// How many commands may run at once within this process's limit on open files
@@ -134,7 +135,9 @@ pub fn command_limit() -> Option<(usize, u64)> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 || limit.rlim_cur == libc::RLIM_INFINITY {
         return None;
     }
-    let commands = limit.rlim_cur.saturating_sub(FILES_FOR_THE_HOST) / FILES_PER_COMMAND;
+    let open_now = std::fs::read_dir("/proc/self/fd").map_or(0, |fds| fds.count() as u64);
+    let for_the_host = FILES_FOR_THE_HOST.max(open_now + FILES_FOR_THE_HOST / 2);
+    let commands = limit.rlim_cur.saturating_sub(for_the_host) / FILES_PER_COMMAND;
     Some((usize::try_from(commands).unwrap_or(usize::MAX).max(1), limit.rlim_cur))
 }
 

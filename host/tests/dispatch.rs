@@ -361,7 +361,9 @@ fn batch_runs_no_more_commands_at_once_than_its_open_files_limit_allows() {
     let out = host.output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(stderr.contains("running 8 at a time, not 100") && stderr.contains("may open 64"), "{stderr}");
+    // 8 with the host's own files alone; fewer if the test's process passed some down.
+    let at_a_time: usize = stderr.split("running ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok()).expect(&stderr);
+    assert!((1..=8).contains(&at_a_time) && stderr.contains("at a time, not 100") && stderr.contains("may open 64"), "{stderr}");
     let results = json_lines(&String::from_utf8_lossy(&out.stdout));
     assert_eq!((results.len(), results.iter().all(|r| r["success"] == true)), (40, true), "every job ran: {stderr}");
 }
