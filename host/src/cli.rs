@@ -465,6 +465,13 @@ fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Opti
         };
         let _ = tx.send(Some(which));
         cancel.cancel();
+        // A second signal: no more grace for the commands being stopped.
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("host: stopping every command now");
+        process::hurry();
     });
     rx
 }

@@ -313,16 +313,35 @@ async fn supervise(
     if pgid > 0 {
         signal_group(pgid, libc::SIGTERM);
     }
-    let status = match tokio::time::timeout(spec.kill_grace, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            if pgid > 0 {
-                signal_group(pgid, libc::SIGKILL);
-            }
-            child.wait().await
-        }
+    let hurried = HURRY.notified();
+    tokio::pin!(hurried);
+    hurried.as_mut().enable();
+    let status = tokio::select! {
+        status = child.wait() => status,
+        () = tokio::time::sleep(spec.kill_grace) => stop_now(child, pgid).await,
+        () = &mut hurried => stop_now(child, pgid).await,
+        () = std::future::ready(()), if HURRIED.load(Ordering::Relaxed) => stop_now(child, pgid).await,
     };
     (to_status(status), Some(reason))
+}
+
+/// SIGKILL to the whole group, and the leader's end.
+async fn stop_now(child: &mut Child, pgid: i32) -> io::Result<std::process::ExitStatus> {
+    if pgid > 0 {
+        signal_group(pgid, libc::SIGKILL);
+    }
+    child.wait().await
+}
+
+/// Set once the user insists on stopping (a second Ctrl-C): see [`hurry`].
+static HURRIED: AtomicBool = AtomicBool::new(false);
+static HURRY: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Commands being stopped get SIGKILL now instead of the rest of their `kill_grace`, and so
+/// does every command stopped from now on.
+pub fn hurry() {
+    HURRIED.store(true, Ordering::Relaxed);
+    HURRY.notify_waiters();
 }
 
 fn to_status(status: io::Result<std::process::ExitStatus>) -> Status {

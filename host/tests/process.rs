@@ -96,6 +96,24 @@ fn sigterm_to_host_stops_the_command_group_and_exits_143() {
     assert_eq!(interrupt_hanging_run(libc::SIGTERM), Some(143));
 }
 
+#[test]
+fn a_second_sigint_kills_a_command_that_ignores_sigterm_without_waiting_out_kill_grace() {
+    let sandbox = hang_sandbox("hang-stubborn", "timeout = \"300s\"\nkill_grace = \"60s\"");
+    let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
+    send_signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(child.try_wait().unwrap().is_none(), "the first SIGINT gives the command its kill_grace");
+    send_signal(&child, libc::SIGINT);
+    let mut status = None;
+    assert!(eventually(Duration::from_secs(10), || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    }), "the second SIGINT did not end the host well within kill_grace");
+    assert_eq!(status.unwrap().code(), Some(130));
+    assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
+}
+
 /// Runs `host` and returns its exit code and peak resident memory in KiB (from wait4).
 #[expect(clippy::zombie_processes, reason = "wait4 reaps the child, for its resource usage")]
 fn run_measuring_rss(sandbox: &Sandbox, args: &[&str]) -> (i32, String, i64) {
