@@ -24,7 +24,7 @@ use crate::process::{self, find_program};
 use crate::service::{self, Outcome, Request, Service};
 
 /// Exit codes: 0 success, 1 a service failed, 2 usage or configuration error;
-/// 130/143 when interrupted by SIGINT/SIGTERM.
+/// 130/143/129 when interrupted by SIGINT/SIGTERM/SIGHUP.
 const EXIT_FAILED: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
@@ -455,13 +455,17 @@ fn within_open_files_limit(jobs: usize) -> usize {
 fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Option<i32>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = tokio::sync::watch::channel(None);
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    // SIGHUP too: a closed terminal or session must not leave the commands running on.
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+    else {
         return rx;
     };
     tokio::spawn(async move {
         let which = tokio::select! {
             _ = int.recv() => libc::SIGINT,
             _ = term.recv() => libc::SIGTERM,
+            _ = hup.recv() => libc::SIGHUP,
         };
         let _ = tx.send(Some(which));
         cancel.cancel();
@@ -469,6 +473,7 @@ fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Opti
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
+            _ = hup.recv() => {}
         }
         eprintln!("host: stopping every command now");
         process::hurry();

@@ -97,6 +97,11 @@ fn sigterm_to_host_stops_the_command_group_and_exits_143() {
 }
 
 #[test]
+fn sighup_to_host_stops_the_command_group_and_exits_129() {
+    assert_eq!(interrupt_hanging_run(libc::SIGHUP), Some(129));
+}
+
+#[test]
 fn a_second_sigint_kills_a_command_that_ignores_sigterm_without_waiting_out_kill_grace() {
     let sandbox = hang_sandbox("hang-stubborn", "timeout = \"300s\"\nkill_grace = \"60s\"");
     let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
