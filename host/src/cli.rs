@@ -455,17 +455,23 @@ fn within_open_files_limit(jobs: usize) -> usize {
 fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Option<i32>> {
     use tokio::signal::unix::{SignalKind, signal};
     let (tx, rx) = tokio::sync::watch::channel(None);
-    // SIGHUP too: a closed terminal or session must not leave the commands running on.
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
-    else {
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
         return rx;
     };
+    // SIGHUP too: a closed terminal or session must not leave the commands running on;
+    // unless it is ignored (`nohup host batch ...`), which is a wish to outlive the session.
+    let mut hup = if hangup_ignored() { None } else { signal(SignalKind::hangup()).ok() };
+    async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+        match hup {
+            Some(hup) => drop(hup.recv().await),
+            None => std::future::pending().await,
+        }
+    }
     tokio::spawn(async move {
         let which = tokio::select! {
             _ = int.recv() => libc::SIGINT,
             _ = term.recv() => libc::SIGTERM,
-            _ = hup.recv() => libc::SIGHUP,
+            () = hangup(&mut hup) => libc::SIGHUP,
         };
         let _ = tx.send(Some(which));
         cancel.cancel();
@@ -473,12 +479,19 @@ fn watch_signals(cancel: CancellationToken) -> tokio::sync::watch::Receiver<Opti
         tokio::select! {
             _ = int.recv() => {}
             _ = term.recv() => {}
-            _ = hup.recv() => {}
+            () = hangup(&mut hup) => {}
         }
         eprintln!("host: stopping every command now");
         process::hurry();
     });
     rx
+}
+
+/// Whether SIGHUP was set to be ignored when the host started (as `nohup` does).
+fn hangup_ignored() -> bool {
+    // SAFETY: sigaction with no new action only reads the current one into `current`.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_IGN }
 }
 
 fn print_outcome(outcome: &Outcome, json: bool) -> Result<()> {

@@ -102,6 +102,28 @@ fn sighup_to_host_stops_the_command_group_and_exits_129() {
 }
 
 #[test]
+fn sighup_is_ignored_when_the_host_starts_with_it_ignored_as_under_nohup() {
+    use std::os::unix::process::CommandExt;
+    let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
+    let mut host = sandbox.host();
+    host.args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: signal(2) is async-signal-safe; it sets the disposition nohup sets.
+    unsafe {
+        host.pre_exec(|| {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let mut child = host.spawn().unwrap();
+    let pid = read_pid(&sandbox.path("child.pid"));
+    send_signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none() && alive(pid), "SIGHUP stopped a host started under nohup");
+    send_signal(&child, libc::SIGINT);
+    assert_eq!(child.wait().unwrap().code(), Some(130));
+}
+
+#[test]
 fn a_second_sigint_kills_a_command_that_ignores_sigterm_without_waiting_out_kill_grace() {
     let sandbox = hang_sandbox("hang-stubborn", "timeout = \"300s\"\nkill_grace = \"60s\"");
     let mut child = sandbox.host().args(["run", "hang", "x"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
