@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, alive, eventually, read_pid, send_signal};
+use common::{Sandbox, alive, eventually, exit_within, read_pid, send_signal};
 
 fn hang_sandbox(mode: &str, limits: &str) -> Sandbox {
     Sandbox::new(&format!(
@@ -132,12 +132,8 @@ fn a_second_sigint_kills_a_command_that_ignores_sigterm_without_waiting_out_kill
     std::thread::sleep(Duration::from_millis(300));
     assert!(child.try_wait().unwrap().is_none(), "the first SIGINT gives the command its kill_grace");
     send_signal(&child, libc::SIGINT);
-    let mut status = None;
-    assert!(eventually(Duration::from_secs(10), || {
-        status = child.try_wait().unwrap();
-        status.is_some()
-    }), "the second SIGINT did not end the host well within kill_grace");
-    assert_eq!(status.unwrap().code(), Some(130));
+    let status = exit_within(&mut child, Duration::from_secs(10)).expect("the second SIGINT did not end the host well within kill_grace");
+    assert_eq!(status.code(), Some(130));
     assert!(eventually(Duration::from_secs(5), || !alive(pid) && !alive(grandchild)), "a process survived");
 }
 

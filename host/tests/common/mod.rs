@@ -156,6 +156,16 @@ pub fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     done()
 }
 
+/// The child's exit status if it exits within `limit`.
+pub fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    eventually(limit, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status
+}
+
 /// Reads a pid file the fake CLI writes, waiting for it to appear.
 pub fn read_pid(path: &Path) -> i32 {
     assert!(eventually(Duration::from_secs(10), || path.exists()), "{} never appeared", path.display());
