@@ -109,7 +109,7 @@ struct RunArgs {
     #[arg(short = 'f', long = "file", value_name = "FILE")]
     files: Vec<PathBuf>,
     /// The model to use (default: the service's default_model, else the CLI's own default).
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = parse_model)]
     model: Option<String>,
     /// Override the service's timeout, e.g. 90s, 1500ms, 2m.
     #[arg(long, value_parser = parse_timeout, value_name = "DURATION")]
@@ -144,6 +144,13 @@ struct BatchArgs {
     /// Stop at the first invalid line (exit 2) instead of reporting and skipping it.
     #[arg(long)]
     strict: bool,
+}
+
+fn parse_model(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        return Err("the model name is empty; leave -m out for the service's default".into());
+    }
+    Ok(text.to_string())
 }
 
 fn parse_jobs(text: &str) -> Result<usize, String> {

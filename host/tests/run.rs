@@ -106,6 +106,14 @@ fn a_prompt_on_stdin_that_is_not_utf8_is_a_usage_error() {
 }
 
 #[test]
+fn an_empty_model_is_a_usage_error_not_an_empty_argument() {
+    let sandbox = Sandbox::new(ARGV);
+    let run = sandbox.run(&["run", "argv", "-m", "", "x"]);
+    assert_eq!((run.code, run.stdout.as_str()), (2, ""), "{run:?}");
+    assert!(run.stderr.contains("the model name is empty"), "{}", run.stderr);
+}
+
+#[test]
 fn human_output_is_the_answer_alone_on_stdout() {
     let sandbox = Sandbox::new(common::ECHO);
     let run = sandbox.run(&["run", "echo", "hello there"]);
