@@ -227,6 +227,9 @@ fn parse_job(config: &Config, number: u64, line: &str) -> Result<Job, String> {
     };
     config.check_services(names).map_err(|e| e.0)?;
     let files = check_files(&job.files)?;
+    if job.options.contains_key("") {
+        return Err("`options` has an empty option name".into());
+    }
     if job.model.as_deref().is_some_and(|m| m.trim().is_empty()) {
         return Err("`model` is empty; leave it out for the service's default".into());
     }

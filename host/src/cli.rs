@@ -162,9 +162,11 @@ fn parse_jobs(text: &str) -> Result<usize, String> {
 }
 
 fn parse_option(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))
+    match text.split_once('=') {
+        Some(("", _)) => Err(format!("`{text}` has an empty option name; write KEY=VALUE")),
+        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+        None => Err(format!("`{text}` is not KEY=VALUE")),
+    }
 }
 
 /// A usage or configuration problem: exit code 2.

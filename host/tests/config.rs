@@ -46,6 +46,7 @@ fn command_line_timeouts_and_job_counts_out_of_range_are_usage_errors() {
         (&["run", "x", "--jobs", "0", "hi"], "at least 1 job"),
         (&["batch", "-", "--jobs", "0"], "at least 1 job"),
         (&["health", "--timeout", "0ms"], "must be more than 0"),
+        (&["run", "x", "-o", "=value", "hi"], "empty option name"),
     ] {
         let run = sandbox.run(args);
         assert_eq!(run.code, 2, "{args:?}: {run:?}");

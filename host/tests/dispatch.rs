@@ -248,12 +248,13 @@ fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
             r#"{"id": 6, "service": "echo", "prompt": "six"}"#.into(),
             r#"{"id": 7, "service": "echo", "prompt": "seven", "timeout": "0s"}"#.into(),
             r#"{"id": 8, "service": "echo", "prompt": "eight", "model": ""}"#.into(),
+            r#"{"id": 9, "service": "echo", "prompt": "nine", "options": {"": "x"}}"#.into(),
         ],
     );
     let run = sandbox.run(&["batch", &jobs]);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout.lines().count(), 2, "results go to stdout without -o");
-    for (line, says) in [(2, "not a JSON object"), (3, "unknown service `nope`"), (4, "give `service`"), (5, "unknown field `colour`"), (7, "invalid timeout \"0s\": it must be more than 0"), (8, "`model` is empty")] {
+    for (line, says) in [(2, "not a JSON object"), (3, "unknown service `nope`"), (4, "give `service`"), (5, "unknown field `colour`"), (7, "invalid timeout \"0s\": it must be more than 0"), (8, "`model` is empty"), (9, "`options` has an empty option name")] {
         assert!(run.stderr.contains(&format!("jobs.jsonl:{line}: invalid job, skipped: {says}")), "line {line}: {}", run.stderr);
     }
     let strict = sandbox.run(&["batch", &jobs, "--strict"]);
