@@ -333,8 +333,9 @@ pub async fn run(
     // (u32::MAX for any line past that).
     let mut seen: HashMap<IdKey, u32> = results.done.into_iter().map(|id| (id, 0)).collect();
     let counts = Mutex::new(Counts::default());
-    let output = Mutex::new(results.writer);
-    let unwritable: Mutex<Option<String>> = Mutex::new(None);
+    // Where results go, and why the first that could not be written was not: nothing is
+    // written after it (it may have left part of a line, which must stay last).
+    let output: Mutex<(Box<dyn Write + Send>, Option<String>)> = Mutex::new((results.writer, None));
     let permits = tokio::sync::Semaphore::new(options.jobs.max(1));
     let update = |f: &dyn Fn(&mut Counts)| {
         let mut c = counts.lock().unwrap_or_else(|p| p.into_inner());
@@ -403,7 +404,7 @@ pub async fn run(
         };
         let Some(permit) = permit else { break };
         update(&|c| c.running += 1);
-        let (services, ctx, output, update, unwritable) = (services.clone(), ctx.clone(), &output, &update, &unwritable);
+        let (services, ctx, output, update) = (services.clone(), ctx.clone(), &output, &update);
         running.push(async move {
             let _permit = permit;
             let line = run_job(&services, &job, &ctx).await;
@@ -414,19 +415,18 @@ pub async fn run(
                 }),
                 Some((text, ok)) => {
                     let written = {
-                        let mut out = output.lock().unwrap_or_else(|p| p.into_inner());
-                        let mut unwritable = unwritable.lock().unwrap_or_else(|p| p.into_inner());
-                        // After a failed write, which may have left part of a line, nothing
-                        // more is written: the torn line stays last, for the rerun to remove.
+                        let mut guard = output.lock().unwrap_or_else(|p| p.into_inner());
+                        let (out, unwritable) = &mut *guard;
                         if unwritable.is_some() {
-                            Err(())
+                            false
+                        } else if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                            *unwritable = Some(format!("writing the result of job {}: {e}", job.id));
+                            false
                         } else {
-                            out.write_all(text.as_bytes()).and_then(|()| out.flush()).map_err(|e| {
-                                *unwritable = Some(format!("writing the result of job {}: {e}", job.id));
-                            })
+                            true
                         }
                     };
-                    if written.is_err() {
+                    if !written {
                         ctx.cancel.cancel();
                         update(&|c| {
                             c.running -= 1;
@@ -444,7 +444,7 @@ pub async fn run(
     }
     while running.next().await.is_some() {}
     drop(items);
-    if let Some(why) = unwritable.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(why) = output.lock().unwrap_or_else(|p| p.into_inner()).1.take() {
         end = End::Unwritable(why);
     } else if ctx.cancel.is_cancelled() {
         end = End::Interrupted;

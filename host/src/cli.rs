@@ -307,10 +307,11 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         let mut outcomes = dispatch::fan_out(targets, Arc::new(request), ctx, jobs);
         let mut finished = Vec::new();
         while let Some(outcome) = outcomes.recv().await {
-            match &lines {
-                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json)).context("writing the results to stdout")?,
-                None => print_fan_out_result(&outcome, args.json).context("writing the results to stdout")?,
-            }
+            let printed = match &lines {
+                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json)),
+                None => print_fan_out_result(&outcome, args.json),
+            };
+            printed.context("writing the results to stdout")?;
             finished.push(outcome);
         }
         if let Some(lines) = &lines {

@@ -621,7 +621,8 @@ const MAX_PLUGIN_MEMORY: u64 = 4 << 30;
 
 /// The longest duration anything takes (about 31 years): longer ones are surely mistakes, and
 /// would overflow the clock's arithmetic.
-const MAX_DURATION_SECS: f64 = 1e9;
+pub const MAX_DURATION: Duration = Duration::from_secs(1_000_000_000);
+const MAX_DURATION_SECS: f64 = MAX_DURATION.as_secs_f64();
 
 /// A timeout given on the command line or in a job: a duration of more than 0.
 pub fn parse_timeout(text: &str) -> Result<Duration, String> {

@@ -266,12 +266,11 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
-/// The longest retry-after taken from a plugin (about 31 years): a longer one means "not
-/// in any foreseeable time", and would overflow the clock's arithmetic.
-const MAX_RETRY_AFTER_MS: u64 = 1_000_000_000_000;
-
+/// A plugin's failure; a retry-after beyond the longest duration the host takes means "not in
+/// any foreseeable time", and is capped there so that the clock's arithmetic cannot overflow.
 fn plugin_failure(f: wit::Failure) -> Failure {
-    Failure { kind: f.kind.into(), message: f.message, retry_after_ms: f.retry_after_ms.map(|ms| ms.min(MAX_RETRY_AFTER_MS)) }
+    let cap = crate::config::MAX_DURATION.as_millis() as u64;
+    Failure { kind: f.kind.into(), message: f.message, retry_after_ms: f.retry_after_ms.map(|ms| ms.min(cap)) }
 }
 
 /// Usage as reported, or estimated at about 4 characters a token when there is none.
