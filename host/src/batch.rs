@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, parse_timeout};
+use crate::config::{self, Config, parse_timeout};
 use crate::dispatch::{self, Context, Target};
 use crate::outcome::{FailureKind, Outcome};
 use crate::plugin::Runtime;
@@ -211,14 +211,26 @@ fn parse_job(config: &Config, number: u64, line: &str) -> Result<Job, String> {
     let job: JobLine = serde_json::from_str(line).map_err(|e| {
         let text = e.to_string();
         let what = text.split(" at line ").next().unwrap_or(&text);
-        if e.is_syntax() || e.is_eof() { format!("not a JSON object: {what} at column {}", e.column()) } else { what.to_string() }
+        if e.is_syntax() || e.is_eof() {
+            format!("not a JSON object: {what} at column {}", e.column())
+        } else if !line.trim_start().starts_with('{') {
+            r#"not a JSON object: each line is one job, like {"id": 1, "service": "NAME", "prompt": "..."}"#.to_string()
+        } else {
+            what.to_string()
+        }
     })?;
     if !(job.id.is_string() || job.id.is_number()) {
         return Err("`id` must be a string or a number".into());
     }
     let plan = match (job.service, job.services) {
+        (Some(service), None) if service == config::ALL && job.fallback.is_empty() => {
+            Plan::FanOut(config.service_list(vec![service]).map_err(|e| e.0)?)
+        }
+        (Some(service), None) if service == config::ALL => return Err(format!("`fallback` goes with a single service, not `{}`", config::ALL)),
         (Some(service), None) => Plan::Chain(std::iter::once(service).chain(job.fallback).collect()),
-        (None, Some(services)) if !services.is_empty() && job.fallback.is_empty() => Plan::FanOut(services),
+        (None, Some(services)) if !services.is_empty() && job.fallback.is_empty() => {
+            Plan::FanOut(config.service_list(services).map_err(|e| e.0)?)
+        }
         (None, Some(_)) if !job.fallback.is_empty() => return Err("`fallback` goes with `service`, not `services`".into()),
         _ => return Err("give `service` (optionally with `fallback`) or a non-empty `services`".into()),
     };

@@ -256,24 +256,22 @@ fn runtime_for<'a>(services: impl IntoIterator<Item = &'a ServiceConfig>) -> Res
 
 /// Service names from a comma-separated list, or every service for `all`; each must exist.
 fn service_names(config: &Config, list: &str) -> Result<Vec<String>, Usage> {
-    if list == "all" {
-        if config.services.is_empty() {
-            return Err(Usage(format!("no services are configured in {}; add one as [services.NAME]", config.describe())));
-        }
-        return Ok(config.services.keys().cloned().collect());
-    }
+    Ok(config.service_list(split_names(list)?)?)
+}
+
+/// The names of a comma-separated list, none empty.
+fn split_names(list: &str) -> Result<Vec<String>, Usage> {
     let names: Vec<String> = list.split(',').map(|n| n.trim().to_string()).collect();
     if names.iter().any(String::is_empty) {
         return Err(Usage(format!("`{list}` has an empty service name; separate service names with single commas")));
     }
-    config.check_services(&names)?;
     Ok(names)
 }
 
 async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCode> {
     let names = service_names(config, &args.service)?;
     let fallback = match &args.fallback {
-        Some(list) => service_names(config, list)?,
+        Some(list) => split_names(list)?,
         None => Vec::new(),
     };
     if names.len() > 1 && !fallback.is_empty() {

@@ -18,8 +18,11 @@ pub const BUILTIN_CONFIG: &str = include_str!("../../services.toml");
 /// Names of the plugins embedded in the binary.
 pub const BUILTIN_PLUGINS: &[&str] = &["template", "gemini", "qwen", "claude", "codex", "llm"];
 
-/// Service names with a meaning of their own on the command line.
-const RESERVED_NAMES: &[&str] = &["all"];
+/// The name that stands for every configured service.
+pub const ALL: &str = "all";
+
+/// Service names with a meaning of their own on the command line and in batch jobs.
+const RESERVED_NAMES: &[&str] = &[ALL];
 
 /// A configuration problem, with the place it was found and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -327,10 +330,26 @@ impl Config {
         })
     }
 
+    /// The services a request names: every configured one for `all` alone, otherwise the
+    /// names given, checked as [`Config::check_services`] does.
+    pub fn service_list(&self, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+        if names.len() == 1 && names[0] == ALL {
+            if self.services.is_empty() {
+                return Err(ConfigError(format!("no services are configured in {}; add one as [services.NAME]", self.describe())));
+            }
+            return Ok(self.services.keys().cloned().collect());
+        }
+        self.check_services(&names)?;
+        Ok(names)
+    }
+
     /// Checks the services of one request (a fan-out, or a service and its fallbacks): each
     /// is configured, and none is named twice.
     pub fn check_services(&self, names: &[String]) -> Result<(), ConfigError> {
         for (i, name) in names.iter().enumerate() {
+            if name == ALL {
+                return Err(ConfigError(format!("`{ALL}` means every service and stands alone: it cannot be listed with other services")));
+            }
             self.service(name)?;
             if names[..i].contains(name) {
                 return Err(ConfigError(format!("service `{name}` is named twice; name each service once")));

@@ -249,12 +249,13 @@ fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
             r#"{"id": 7, "service": "echo", "prompt": "seven", "timeout": "0s"}"#.into(),
             r#"{"id": 8, "service": "echo", "prompt": "eight", "model": ""}"#.into(),
             r#"{"id": 9, "service": "echo", "prompt": "nine", "options": {"": "x"}}"#.into(),
+            "[10, \"echo\", \"ten\"]".into(),
         ],
     );
     let run = sandbox.run(&["batch", &jobs]);
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout.lines().count(), 2, "results go to stdout without -o");
-    for (line, says) in [(2, "not a JSON object"), (3, "unknown service `nope`"), (4, "give `service`"), (5, "unknown field `colour`"), (7, "invalid timeout \"0s\": it must be more than 0"), (8, "`model` is empty"), (9, "`options` has an empty option name")] {
+    for (line, says) in [(2, "not a JSON object"), (3, "unknown service `nope`"), (4, "give `service`"), (5, "unknown field `colour`"), (7, "invalid timeout \"0s\": it must be more than 0"), (8, "`model` is empty"), (9, "`options` has an empty option name"), (10, "not a JSON object: each line is one job")] {
         assert!(run.stderr.contains(&format!("jobs.jsonl:{line}: invalid job, skipped: {says}")), "line {line}: {}", run.stderr);
     }
     let strict = sandbox.run(&["batch", &jobs, "--strict"]);
@@ -335,6 +336,41 @@ fn a_request_naming_a_service_twice_or_an_empty_name_is_a_usage_error() {
     let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "services": ["echo", "echo"], "prompt": "x"}"#.into()]);
     let run = sandbox.run(&["batch", &jobs]);
     assert!(run.stderr.contains("jobs.jsonl:1: invalid job, skipped: service `echo` is named twice"), "{}", run.stderr);
+}
+
+#[test]
+fn a_batch_job_for_all_fans_out_to_every_service() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(
+        &sandbox,
+        &[
+            r#"{"id": 1, "service": "all", "prompt": "x"}"#.into(),
+            r#"{"id": 2, "services": ["all"], "prompt": "x"}"#.into(),
+            r#"{"id": 3, "services": ["echo", "all"], "prompt": "x"}"#.into(),
+            r#"{"id": 4, "service": "all", "fallback": ["echo"], "prompt": "x"}"#.into(),
+        ],
+    );
+    let run = sandbox.run(&["batch", &jobs]);
+    assert_eq!(run.code, 1, "the failing service fails jobs 1 and 2: {run:?}");
+    let results = json_lines(&run.stdout);
+    assert_eq!(results.len(), 2, "{results:?}");
+    for result in &results {
+        let mut services: Vec<&str> = result["results"].as_array().unwrap().iter().map(|r| r["service"].as_str().unwrap()).collect();
+        services.sort();
+        assert_eq!(services, ["echo", "failing", "slow"], "{result}");
+    }
+    assert!(run.stderr.contains("jobs.jsonl:3: invalid job, skipped: `all` means every service and stands alone"), "{}", run.stderr);
+    assert!(run.stderr.contains("jobs.jsonl:4: invalid job, skipped: `fallback` goes with a single service, not `all`"), "{}", run.stderr);
+}
+
+#[test]
+fn all_listed_with_other_services_is_a_usage_error() {
+    let sandbox = Sandbox::new(BATCH);
+    for args in [&["run", "echo,all", "hi"][..], &["run", "echo", "--fallback", "all", "hi"]] {
+        let run = sandbox.run(args);
+        assert_eq!((run.code, run.stdout.as_str()), (2, ""), "{args:?}: nothing runs: {run:?}");
+        assert!(run.stderr.contains("`all` means every service and stands alone"), "{args:?}: {}", run.stderr);
+    }
 }
 
 #[test]
