@@ -717,7 +717,8 @@ async fn health(config: &Config, names: &[String], timeout: Duration, json: bool
     let selected: Vec<&ServiceConfig> = if names.is_empty() {
         config.services.values().collect()
     } else {
-        names.iter().map(|n| config.service(n).map_err(Usage::from)).collect::<Result<_, _>>()?
+        let names = config.service_list(names.to_vec()).map_err(Usage::from)?;
+        names.iter().map(|n| config.service(n)).collect::<Result<_, _>>().map_err(Usage::from)?
     };
     let runtime = runtime_for(selected.iter().copied())?;
     let cancel = CancellationToken::new();

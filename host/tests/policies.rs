@@ -284,3 +284,25 @@ settings = { health_args = ["fail", "3", "cannot reach the server"] }
     assert_eq!(only.code, 0, "{only:?}");
     assert!(only.stdout.starts_with("OK     echo"), "{}", only.stdout);
 }
+
+#[test]
+fn health_takes_all_for_every_service_and_refuses_a_service_named_twice() {
+    let sandbox = Sandbox::new(
+        r#"
+[services.one]
+plugin = "template"
+command = "echo"
+
+[services.two]
+plugin = "template"
+command = "echo"
+"#,
+    );
+    let all = sandbox.run(&["health", "all"]);
+    assert_eq!(all.code, 0, "{all:?}");
+    let checked: Vec<&str> = all.stdout.lines().map(|l| l.split_whitespace().nth(1).unwrap()).collect();
+    assert_eq!(checked, ["one", "two"], "{}", all.stdout);
+    let twice = sandbox.run(&["health", "one", "one"]);
+    assert_eq!((twice.code, twice.stdout.as_str()), (2, ""), "{twice:?}");
+    assert!(twice.stderr.contains("service `one` is named twice"), "{}", twice.stderr);
+}
