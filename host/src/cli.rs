@@ -135,7 +135,7 @@ struct BatchArgs {
     /// "services", "prompt", "files", "model", "fallback", "timeout", "options"}.
     jobs_file: PathBuf,
     /// Append results here (one JSON line per job); ids already in it are skipped, so the same
-    /// command resumes an interrupted batch. Default: stdout.
+    /// command resumes an interrupted batch. Default (or `-`): stdout.
     #[arg(short, long, value_name = "RESULTS")]
     output: Option<PathBuf>,
     /// How many jobs run at once.
@@ -395,8 +395,8 @@ async fn batch(config: &Config, state: Arc<State>, args: BatchArgs) -> Result<Ex
     };
     let input = std::io::BufReader::with_capacity(1 << 16, input);
     let results = match &args.output {
-        Some(path) => batch::open_results(path, input_file.as_ref()).map_err(|e| Usage(format!("{e:#}")))?,
-        None => batch::Results { writer: Box::new(std::io::stdout()), done: Vec::new() },
+        Some(path) if path.as_os_str() != "-" => batch::open_results(path, input_file.as_ref()).map_err(|e| Usage(format!("{e:#}")))?,
+        _ => batch::Results { writer: Box::new(std::io::stdout()), done: Vec::new() },
     };
     let runtime = runtime_for(config.services.values())?;
     let cancel = CancellationToken::new();

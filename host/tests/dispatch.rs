@@ -264,6 +264,16 @@ fn batch_reports_malformed_lines_with_their_numbers_and_strict_stops() {
 }
 
 #[test]
+fn batch_results_to_dash_go_to_stdout() {
+    let sandbox = Sandbox::new(BATCH);
+    let jobs = write_jobs(&sandbox, &[r#"{"id": 1, "service": "echo", "prompt": "one"}"#.into()]);
+    let run = sandbox.run(&["batch", &jobs, "-o", "-"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(json_lines(&run.stdout)[0]["text"], "one");
+    assert!(!sandbox.path("-").exists(), "no file named `-` is written");
+}
+
+#[test]
 fn batch_reports_a_line_that_is_not_utf8_and_runs_the_others() {
     let sandbox = Sandbox::new(BATCH);
     let jobs = sandbox.path("jobs.jsonl");
