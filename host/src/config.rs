@@ -262,9 +262,7 @@ impl Config {
             }
             let plugin = resolve_plugin(svc.plugin.get_ref(), &base_dir)
                 .map_err(|m| here(svc.plugin.span(), &name, m))?;
-            if svc.command.get_ref().trim().is_empty() || svc.command.get_ref().contains('\0') {
-                return Err(here(svc.command.span(), &name, "`command` must name a program".into()));
-            }
+            let command = resolve_command(svc.command.get_ref(), &base_dir).map_err(|m| here(svc.command.span(), &name, m))?;
             if let Some(model) = &svc.default_model
                 && !svc.models.is_empty()
                 && !svc.models.contains(model.get_ref())
@@ -305,7 +303,7 @@ impl Config {
                 ServiceConfig {
                     name,
                     plugin,
-                    command: svc.command.into_inner(),
+                    command,
                     models: svc.models,
                     default_model: svc.default_model.map(Spanned::into_inner),
                     auth_env: svc.auth_env,
@@ -369,6 +367,22 @@ pub fn valid_env_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with(|c: char| c.is_ascii_digit())
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The program to run: a name (looked up on PATH when run), an absolute path, or a path
+/// relative to the configuration file's directory, never to wherever `host` is started:
+/// running it in an untrusted directory must not run that directory's programs.
+fn resolve_command(command: &str, base_dir: &Path) -> Result<String, String> {
+    if command.trim().is_empty() || command.contains('\0') {
+        return Err("`command` must name a program".into());
+    }
+    if !command.contains('/') || Path::new(command).is_absolute() {
+        return Ok(command.to_string());
+    }
+    let path = base_dir.join(command);
+    path.to_str().map(str::to_string).ok_or_else(|| {
+        format!("the configuration's directory {} is not UTF-8 text: give `command` as an absolute path", base_dir.display())
+    })
 }
 
 fn resolve_plugin(spec: &str, base_dir: &Path) -> Result<PluginSource, String> {

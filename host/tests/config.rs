@@ -107,3 +107,18 @@ fn the_builtin_configuration_is_the_last_resort() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "built in\n", "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_relative_command_path_is_taken_from_the_configuration_file_not_the_current_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new("[services.x]\nplugin = \"template\"\ncommand = \"bin/tool\"\n");
+    let elsewhere = tempfile::tempdir().unwrap();
+    for (dir, says) in [(sandbox.path(""), "configured"), (elsewhere.path().to_path_buf(), "decoy")] {
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        let tool = dir.join("bin/tool");
+        std::fs::write(&tool, format!("#!/bin/sh\necho {says} \"$@\"\n")).unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let run: common::Run = sandbox.host().current_dir(elsewhere.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
+    assert_eq!((run.code, run.stdout.as_str()), (0, "configured hi\n"), "{run:?}");
+}
