@@ -312,6 +312,9 @@ async fn supervise(
     };
     if pgid > 0 {
         signal_group(pgid, libc::SIGTERM);
+        // A stopped process (one that read the terminal from the background, say) acts on
+        // SIGTERM only once it is continued.
+        signal_group(pgid, libc::SIGCONT);
     }
     let hurried = HURRY.notified();
     tokio::pin!(hurried);

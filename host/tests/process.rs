@@ -46,6 +46,14 @@ fn a_command_that_ignores_sigterm_is_killed_after_the_grace_period() {
 }
 
 #[test]
+fn a_stopped_command_is_continued_so_that_it_can_handle_sigterm() {
+    let sandbox = hang_sandbox("stopped", "timeout = \"1s\"\nkill_grace = \"20s\"");
+    let run = sandbox.run(&["run", "hang", "--json", "x"]);
+    assert_eq!(run.json()["error"]["kind"], "timeout", "{run:?}");
+    assert!(sandbox.path("terminated").exists(), "the command handled SIGTERM instead of waiting stopped for SIGKILL");
+}
+
+#[test]
 fn the_timeout_option_overrides_the_configured_one() {
     let sandbox = hang_sandbox("hang", "timeout = \"300s\"");
     let started = Instant::now();
