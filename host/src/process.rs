@@ -141,6 +141,19 @@ pub fn command_limit() -> Option<(usize, u64)> {
     Some((usize::try_from(commands).unwrap_or(usize::MAX).max(1), limit.rlim_cur))
 }
 
+/// Keeps commands off the user's terminal. A command runs in a process group of its own, so
+/// to the terminal it is a background job: reading it (a login prompt opening /dev/tty, say)
+/// would stop the command with SIGTTIN until its timeout. With SIGTTIN and SIGTTOU ignored,
+/// which commands inherit across exec, such a read fails at once (EIO) and the command can
+/// report it. Call once at start-up, before any command runs; it applies to this process too.
+pub fn keep_commands_off_the_terminal() {
+    // SAFETY: setting a signal to SIG_IGN installs no handler and touches no memory.
+    unsafe {
+        libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+        libc::signal(libc::SIGTTOU, libc::SIG_IGN);
+    }
+}
+
 /// Sends `signal` to the whole process group `pgid`; a group that is gone is not an error.
 fn signal_group(pgid: i32, signal: i32) {
     // SAFETY: kill(2) with a negative pid only sends a signal; it touches no memory.

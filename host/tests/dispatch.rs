@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Sandbox, alive, eventually, exit_within, json_lines, read_pid, send_signal};
+use common::{Sandbox, alive, eventually, exit_within, json_lines, on_a_terminal, read_pid, send_signal};
 use serde_json::Value;
 
 const MIXED: &str = r#"
@@ -539,23 +539,6 @@ fn batch_removes_a_last_result_line_cut_short_and_passes_over_blank_lines() {
     assert!(text.starts_with("{\"id\":1,\"success\":true}\n\r\n{\"id\":2,"), "the blank line stays, the torn one goes: {text}");
     let ids: Vec<i64> = json_lines(text.split_once("\r\n").unwrap().1).iter().map(|r| r["id"].as_i64().unwrap()).collect();
     assert_eq!(ids, [2]);
-}
-
-/// Runs `host` with a terminal (a pseudo-terminal from `script`) as its stdin, stdout and stderr.
-fn on_a_terminal(sandbox: &Sandbox, args: &str) -> String {
-    let host = format!(
-        "{} --config {} --state {} {args}",
-        env!("CARGO_BIN_EXE_host"),
-        sandbox.path("services.toml").display(),
-        sandbox.path("state.db").display()
-    );
-    let out = std::process::Command::new("script")
-        .args(["-qec", &host, "/dev/null"])
-        .env("XDG_CACHE_HOME", &sandbox.cache)
-        .current_dir(sandbox.dir.path())
-        .output()
-        .expect("running script(1) for a pseudo-terminal");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Sandbox, alive, eventually, exit_within, read_pid, send_signal};
+use common::{Sandbox, alive, eventually, exit_within, on_a_terminal, read_pid, send_signal};
 
 fn hang_sandbox(mode: &str, limits: &str) -> Sandbox {
     Sandbox::new(&format!(
@@ -51,6 +51,16 @@ fn a_stopped_command_is_continued_so_that_it_can_handle_sigterm() {
     let run = sandbox.run(&["run", "hang", "--json", "x"]);
     assert_eq!(run.json()["error"]["kind"], "timeout", "{run:?}");
     assert!(sandbox.path("terminated").exists(), "the command handled SIGTERM instead of waiting stopped for SIGKILL");
+}
+
+#[test]
+fn a_command_reading_the_terminal_fails_at_once_instead_of_waiting_stopped() {
+    let sandbox = hang_sandbox("tty", "timeout = \"20s\"");
+    let screen = on_a_terminal(&sandbox, "run hang --json x");
+    let json = &screen[screen.find('{').expect("a JSON result")..];
+    let result: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("{e}: {screen}"));
+    assert_ne!(result["error"]["kind"], "timeout", "{screen}");
+    assert!(result["stderr"].as_str().unwrap().contains("cannot read the terminal"), "{screen}");
 }
 
 #[test]

@@ -171,3 +171,20 @@ pub fn read_pid(path: &Path) -> i32 {
     assert!(eventually(Duration::from_secs(10), || path.exists()), "{} never appeared", path.display());
     std::fs::read_to_string(path).unwrap().trim().parse().unwrap()
 }
+
+/// Runs `host` with a terminal (a pseudo-terminal from `script`) as its stdin, stdout and stderr.
+pub fn on_a_terminal(sandbox: &Sandbox, args: &str) -> String {
+    let host = format!(
+        "{} --config {} --state {} {args}",
+        env!("CARGO_BIN_EXE_host"),
+        sandbox.path("services.toml").display(),
+        sandbox.path("state.db").display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &host, "/dev/null"])
+        .env("XDG_CACHE_HOME", &sandbox.cache)
+        .current_dir(sandbox.dir.path())
+        .output()
+        .expect("running script(1) for a pseudo-terminal");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
