@@ -369,8 +369,8 @@ pub fn valid_env_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// The program to run: a name (looked up on PATH when run), an absolute path, or a path
-/// relative to the configuration file's directory, never to wherever `host` is started:
+/// The program to run: a name (looked up on PATH when run), an absolute path, `~/...`, or a
+/// path relative to the configuration file's directory, never to wherever `host` is started:
 /// running it in an untrusted directory must not run that directory's programs.
 fn resolve_command(command: &str, base_dir: &Path) -> Result<String, String> {
     if command.trim().is_empty() || command.contains('\0') {
@@ -379,10 +379,19 @@ fn resolve_command(command: &str, base_dir: &Path) -> Result<String, String> {
     if !command.contains('/') || Path::new(command).is_absolute() {
         return Ok(command.to_string());
     }
-    let path = base_dir.join(command);
+    let path = config_relative(command, base_dir)?;
     path.to_str().map(str::to_string).ok_or_else(|| {
-        format!("the configuration's directory {} is not UTF-8 text: give `command` as an absolute path", base_dir.display())
+        format!("{} is not UTF-8 text: give `command` as an absolute path", path.display())
     })
+}
+
+/// A path from the configuration: `~/...` is in the home directory, a relative one is in
+/// the configuration file's directory.
+fn config_relative(spec: &str, base_dir: &Path) -> Result<PathBuf, String> {
+    match spec.strip_prefix("~/") {
+        Some(rest) => crate::dirs::home().map(|home| home.join(rest)).ok_or_else(|| format!("`{spec}` starts with ~, but HOME is not set")),
+        None => Ok(base_dir.join(spec)),
+    }
 }
 
 fn resolve_plugin(spec: &str, base_dir: &Path) -> Result<PluginSource, String> {
@@ -395,7 +404,7 @@ fn resolve_plugin(spec: &str, base_dir: &Path) -> Result<PluginSource, String> {
             BUILTIN_PLUGINS.join(", ")
         ));
     }
-    let path = base_dir.join(spec);
+    let path = config_relative(spec, base_dir)?;
     if path.is_dir() {
         return Err(format!("plugin file {} is a directory: name the .wasm file in it", path.display()));
     }

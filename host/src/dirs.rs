@@ -2,10 +2,15 @@
 
 use std::path::PathBuf;
 
+/// `$HOME`, when set.
+pub fn home() -> Option<PathBuf> {
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(PathBuf::from)
+}
+
 fn xdg(var: &str, fallback: &str) -> Option<PathBuf> {
     match std::env::var_os(var).filter(|v| !v.is_empty()) {
         Some(dir) => Some(PathBuf::from(dir)),
-        None => std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|home| PathBuf::from(home).join(fallback)),
+        None => home().map(|home| home.join(fallback)),
     }
 }
 

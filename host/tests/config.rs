@@ -122,3 +122,21 @@ fn a_relative_command_path_is_taken_from_the_configuration_file_not_the_current_
     let run: common::Run = sandbox.host().current_dir(elsewhere.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
     assert_eq!((run.code, run.stdout.as_str()), (0, "configured hi\n"), "{run:?}");
 }
+
+#[test]
+fn command_and_plugin_paths_may_start_with_the_home_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new("[services.x]\nplugin = \"template\"\ncommand = \"~/bin/tool\"\n\n[services.y]\nplugin = \"~/plugins/y.wasm\"\ncommand = \"echo\"\n");
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("bin")).unwrap();
+    let tool = home.path().join("bin/tool");
+    std::fs::write(&tool, "#!/bin/sh\necho from home \"$@\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run: common::Run = sandbox.host().env("HOME", home.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
+    assert_eq!(run.code, 2, "y's plugin is not there: {run:?}");
+    assert!(run.stderr.contains(&format!("plugin file {}/plugins/y.wasm does not exist", home.path().display())), "{}", run.stderr);
+    std::fs::create_dir_all(home.path().join("plugins")).unwrap();
+    std::fs::write(home.path().join("plugins/y.wasm"), b"not wasm").unwrap();
+    let run: common::Run = sandbox.host().env("HOME", home.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
+    assert_eq!((run.code, run.stdout.as_str()), (0, "from home hi\n"), "{run:?}");
+}
