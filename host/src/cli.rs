@@ -78,6 +78,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove ledger rows older than --keep (the state file then stops growing).
+    Prune {
+        /// How much of the ledger to keep, e.g. 90d; at least a day (quotas count it).
+        #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+        keep: Duration,
+        /// Print JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Each service's circuit breaker and quota use.
     Status {
         /// Print JSON instead of lines.
@@ -233,6 +242,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Check { json } => check(&config, json).await,
         Command::Usage { since, json } => usage(&*state()?, since, json),
         Command::Status { json } => status(&*state()?, &config, json),
+        Command::Prune { keep, json } => prune(&*state()?, &config, keep, json),
         Command::Health { services, timeout, json } => health(&config, &services, timeout, json).await,
     }
 }
@@ -684,6 +694,23 @@ fn usage(state: &State, since: Duration, json: bool) -> Result<ExitCode> {
             ms(r.p95_duration_ms.map(|v| v as f64)),
             kinds.join(", ")
         )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn prune(state: &State, config: &Config, keep: Duration, json: bool) -> Result<ExitCode> {
+    let needed = config.ledger_lookback();
+    if keep < needed {
+        let days = needed.as_secs_f64() / 86_400.0;
+        return Err(Usage(format!("--keep must be at least {days:.1}d: quotas and circuit breakers read that much of the ledger")).into());
+    }
+    let before = SystemClock.now().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+    let removed = state.write(|tx| crate::state::prune_attempts(tx, before))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::json!({ "removed": removed, "before": crate::clock::utc_timestamp(before) }))?;
+    } else {
+        writeln!(out, "removed {removed} ledger rows of requests started before {}", crate::clock::utc_timestamp(before))?;
     }
     Ok(ExitCode::SUCCESS)
 }

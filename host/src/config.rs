@@ -328,6 +328,16 @@ impl Config {
         })
     }
 
+    /// How far back the policies read the ledger: a day for daily quotas, or the longest
+    /// window of a rate breaker. Older rows serve only `host usage`.
+    pub fn ledger_lookback(&self) -> Duration {
+        let windows = self.services.values().filter_map(|s| match s.limits.breaker.mode {
+            BreakerMode::Rate { window, .. } => Some(window),
+            BreakerMode::Consecutive => None,
+        });
+        windows.fold(Duration::from_secs(86_400), Duration::max)
+    }
+
     /// The services a request names: every configured one for `all` alone, otherwise the
     /// names given, checked as [`Config::check_services`] does.
     pub fn service_list(&self, names: Vec<String>) -> Result<Vec<String>, ConfigError> {
@@ -783,6 +793,14 @@ mod tests {
         assert_eq!(limits.retry.on, vec![FailureKind::Auth]);
         assert_eq!(limits.quota.rpm, Some(10));
         assert_eq!(limits.breaker.mode, BreakerMode::Rate { failure_rate: 0.5, window: Duration::from_secs(60), min_calls: 4 });
+    }
+
+    #[test]
+    fn the_ledger_lookback_is_a_day_or_the_longest_rate_window() {
+        let plain = "[services.a]\nplugin = \"template\"\ncommand = \"echo\"\n";
+        assert_eq!(Config::parse(plain, None).unwrap().ledger_lookback(), Duration::from_secs(86_400));
+        let windowed = format!("{plain}breaker = {{ mode = \"rate\", window = \"3d\" }}\n");
+        assert_eq!(Config::parse(&windowed, None).unwrap().ledger_lookback(), Duration::from_secs(3 * 86_400));
     }
 
     #[test]

@@ -492,6 +492,11 @@ pub fn spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite:
     rows.collect()
 }
 
+/// Removes the ledger rows of attempts started before `before`; returns how many.
+pub fn prune_attempts(tx: &Connection, before: Millis) -> rusqlite::Result<u64> {
+    tx.execute("DELETE FROM attempts WHERE started_ms < ?1", params![before]).map(|n| n as u64)
+}
+
 /// How many attempts of `service` ran since `since`.
 pub fn count_spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<u64> {
     tx.prepare_cached("SELECT COUNT(*) FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms >= ?2")?

@@ -231,6 +231,30 @@ settings = { args = ["fail", "1", "HTTP 503 {prompt}"] }
 }
 
 #[test]
+fn prune_removes_ledger_rows_older_than_keep_and_never_what_quotas_read() {
+    let sandbox = Sandbox::new(common::ECHO);
+    assert_eq!(sandbox.run(&["run", "echo", "recent"]).code, 0);
+    let forty_days = 40 * 86_400_000_i64;
+    let conn = rusqlite::Connection::open(sandbox.path("exechost/state.db")).unwrap();
+    conn.execute(
+        "INSERT INTO attempts (service, started_ms, outcome, spawned) SELECT service, started_ms - ?1, outcome, spawned FROM attempts",
+        [forty_days],
+    )
+    .unwrap();
+    drop(conn);
+    assert_eq!(ledger(&sandbox).len(), 2);
+    let too_short = sandbox.run(&["prune", "--keep", "1h"]);
+    assert_eq!(too_short.code, 2, "{too_short:?}");
+    assert!(too_short.stderr.contains("--keep must be at least 1.0d"), "{}", too_short.stderr);
+    let pruned = sandbox.run(&["prune", "--keep", "30d", "--json"]);
+    assert_eq!((pruned.code, pruned.json()["removed"].as_u64()), (0, Some(1)), "{pruned:?}");
+    let rows = ledger(&sandbox);
+    assert_eq!(rows.len(), 1, "the recent row stays: {rows:?}");
+    let again = sandbox.run(&["prune", "--keep", "30d"]);
+    assert!(again.stdout.starts_with("removed 0 ledger rows"), "{}", again.stdout);
+}
+
+#[test]
 fn a_corrupt_state_file_is_a_usage_error_naming_it() {
     let sandbox = Sandbox::new(common::ECHO);
     let path = sandbox.path("broken.db");
