@@ -705,7 +705,7 @@ fn prune(state: &State, config: &Config, keep: Duration, json: bool) -> Result<E
         return Err(Usage(format!("--keep must be at least {days:.1}d: quotas and circuit breakers read that much of the ledger")).into());
     }
     let before = SystemClock.now().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
-    let removed = state.write(|tx| crate::state::prune_attempts(tx, before))?;
+    let removed = crate::state::prune_attempts(state, before)?;
     let mut out = std::io::stdout().lock();
     if json {
         writeln!(out, "{}", serde_json::json!({ "removed": removed, "before": crate::clock::utc_timestamp(before) }))?;

@@ -492,9 +492,26 @@ pub fn spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite:
     rows.collect()
 }
 
-/// Removes the ledger rows of attempts started before `before`; returns how many.
-pub fn prune_attempts(tx: &Connection, before: Millis) -> rusqlite::Result<u64> {
-    tx.execute("DELETE FROM attempts WHERE started_ms < ?1", params![before]).map(|n| n as u64)
+/// Ledger rows removed per transaction when pruning: other processes wait for each
+/// transaction, and the WAL grows by each.
+const PRUNE_CHUNK: usize = 10_000;
+
+/// Removes the ledger rows of attempts started before `before`, a chunk per transaction;
+/// returns how many.
+pub fn prune_attempts(state: &State, before: Millis) -> Result<u64> {
+    let mut removed = 0;
+    loop {
+        let n = state.write(|tx| {
+            tx.execute(
+                "DELETE FROM attempts WHERE id IN (SELECT id FROM attempts WHERE started_ms < ?1 LIMIT ?2)",
+                params![before, PRUNE_CHUNK as i64],
+            )
+        })?;
+        removed += n as u64;
+        if n < PRUNE_CHUNK {
+            return Ok(removed);
+        }
+    }
 }
 
 /// How many attempts of `service` ran since `since`.
