@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Sandbox, alive, eventually, exit_within, json_lines, on_a_terminal, read_pid, send_signal};
+use common::{Sandbox, alive, eventually, exit_within, json_lines, on_a_terminal, on_a_terminal_of, read_pid, send_signal};
 use serde_json::Value;
 
 const MIXED: &str = r#"
@@ -550,6 +550,18 @@ fn fan_out_shows_a_live_status_line_per_service_on_a_terminal_only() {
     }
     let piped = sandbox.run(&["run", "echo,slow", "hi"]);
     assert!(!piped.stderr.contains("waiting") && !piped.stderr.contains("running"), "{}", piped.stderr);
+}
+
+#[test]
+fn fan_out_counts_services_in_one_line_when_theirs_would_not_fit_on_the_terminal() {
+    let sandbox = Sandbox::new(BATCH);
+    // A service's own line starts with its name padded to 14 columns.
+    let own_line = format!("{:<14} ", "slow");
+    let small = on_a_terminal_of(&sandbox, 3, "run all hi");
+    assert!(small.contains("3 services") && small.contains(" running"), "the slow service runs for a tick at least: {small}");
+    assert!(!small.contains(&own_line), "no line of its own per service: {small}");
+    let tall = on_a_terminal_of(&sandbox, 4, "run all hi");
+    assert!(!tall.contains("3 services") && tall.contains(&own_line), "{tall}");
 }
 
 #[test]

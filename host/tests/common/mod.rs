@@ -174,8 +174,13 @@ pub fn read_pid(path: &Path) -> i32 {
 
 /// Runs `host` with a terminal (a pseudo-terminal from `script`) as its stdin, stdout and stderr.
 pub fn on_a_terminal(sandbox: &Sandbox, args: &str) -> String {
+    on_a_terminal_of(sandbox, 50, args)
+}
+
+/// The same, on a terminal `rows` lines high.
+pub fn on_a_terminal_of(sandbox: &Sandbox, rows: u16, args: &str) -> String {
     let host = format!(
-        "{} --config {} --state {} {args}",
+        "stty rows {rows} cols 100; {} --config {} --state {} {args}",
         env!("CARGO_BIN_EXE_host"),
         sandbox.path("services.toml").display(),
         sandbox.path("state.db").display()
