@@ -8,7 +8,7 @@ use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{self, Admit};
-use crate::clock::{Clock, Millis, day_start};
+use crate::clock::{Clock, Millis};
 use crate::config::{BreakerMode, ServiceConfig};
 use crate::outcome::{Failure, FailureKind, Outcome};
 use crate::quota::{self, MINUTE_MS};
@@ -225,7 +225,7 @@ async fn admit(ctx: &Context, config: &Arc<ServiceConfig>, request: &Request) ->
             };
             if has_quota {
                 let recent = state::spawned_since(tx, name, now - MINUTE_MS)?;
-                let today = if quota.daily.is_some() { state::count_spawned_since(tx, name, day_start(now))? } else { 0 };
+                let today = if quota.daily.is_some() { state::spawned_on_day(tx, name, now)? } else { 0 };
                 if let Err(exhausted) = quota::check(quota, name, &recent, today, now) {
                     // Nothing runs, so an admitted probe slot is not taken: the row is not saved.
                     let failure = Failure::new(FailureKind::QuotaExhausted, exhausted.message);

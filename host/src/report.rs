@@ -7,7 +7,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::breaker::{HALF_OPEN, OPEN};
-use crate::clock::{Millis, day_start, utc_date, utc_timestamp};
+use crate::clock::{Millis, utc_date, utc_timestamp};
 use crate::config::Config;
 use crate::quota::MINUTE_MS;
 use crate::state::{self, BreakerRow, OK, RUNNING, State};
@@ -117,7 +117,7 @@ pub fn status(state: &State, config: &Config, now: Millis) -> Result<Vec<Status>
                 let row = state::load_breaker(tx, &svc.name)?.unwrap_or_else(|| BreakerRow::closed(now));
                 let quota = &svc.limits.quota;
                 let recent = state::spawned_since(tx, &svc.name, now - MINUTE_MS)?;
-                let today = state::count_spawned_since(tx, &svc.name, day_start(now))?;
+                let today = state::spawned_on_day(tx, &svc.name, now)?;
                 let open = row.phase == OPEN && now < row.open_until_ms;
                 let breaker = if row.phase == OPEN && !open { HALF_OPEN.to_string() } else { row.phase.clone() };
                 Ok(Status {

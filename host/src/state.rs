@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::clock::Millis;
+use crate::clock::{DAY_MS, Millis};
 
 /// A process that finds the WAL longer than this checkpoints it.
 const WAL_CHECKPOINT_BYTES: u64 = 256 << 10;
@@ -49,6 +49,22 @@ const MIGRATIONS: &[&str] = &[
         last_failure TEXT,
         trip_reason TEXT
     );",
+    // 2: requests that ran, counted per service and UTC day by a trigger, so that a daily
+    // quota costs one lookup instead of a count of the day's ledger; and an index of the
+    // requests that ran, for the per-minute quotas.
+    "CREATE TABLE spawned_per_day (
+        service TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        PRIMARY KEY (service, day)
+    ) WITHOUT ROWID;
+    INSERT INTO spawned_per_day (service, day, requests)
+        SELECT service, started_ms / 86400000, COUNT(*) FROM attempts WHERE spawned = 1 GROUP BY 1, 2;
+    CREATE TRIGGER attempts_count_spawned AFTER INSERT ON attempts WHEN NEW.spawned = 1 BEGIN
+        INSERT INTO spawned_per_day (service, day, requests) VALUES (NEW.service, NEW.started_ms / 86400000, 1)
+        ON CONFLICT (service, day) DO UPDATE SET requests = requests + 1;
+    END;
+    CREATE INDEX attempts_spawned ON attempts (service, started_ms) WHERE spawned = 1;",
 ];
 
 /// The outcome recorded for an attempt that has not finished (yet, or ever: a crash).
@@ -509,16 +525,19 @@ pub fn prune_attempts(state: &State, before: Millis) -> Result<u64> {
         })?;
         removed += n as u64;
         if n < PRUNE_CHUNK {
+            // The counts of days wholly pruned go too.
+            state.write(|tx| tx.execute("DELETE FROM spawned_per_day WHERE day < ?1", params![before.div_euclid(DAY_MS)]))?;
             return Ok(removed);
         }
     }
 }
 
-/// How many attempts of `service` ran since `since`.
-pub fn count_spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<u64> {
-    tx.prepare_cached("SELECT COUNT(*) FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms >= ?2")?
-        .query_row(params![service, since], |r| r.get::<_, i64>(0))
-        .map(|n| n as u64)
+/// How many attempts of `service` ran on the UTC day holding `now`.
+pub fn spawned_on_day(tx: &Connection, service: &str, now: Millis) -> rusqlite::Result<u64> {
+    tx.prepare_cached("SELECT requests FROM spawned_per_day WHERE service = ?1 AND day = ?2")?
+        .query_row(params![service, now.div_euclid(DAY_MS)], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|n| n.unwrap_or(0) as u64)
 }
 
 /// Finished attempts of `service` started after `since`: (calls, outcomes) for the failure-rate window.
@@ -698,6 +717,36 @@ mod tests {
         theirs.execute_batch("COMMIT").unwrap();
         write.await.unwrap().unwrap();
         assert_eq!(ours.read(|tx| attempts_since(tx, 0)).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn requests_that_ran_are_counted_per_service_and_utc_day() {
+        let state = State::in_memory().unwrap();
+        let refused = AttemptRow { spawned: false, ..row(10) };
+        let other = AttemptRow { service: "t".into(), ..row(20) };
+        for r in [row(0), row(DAY_MS - 1), row(DAY_MS), refused, other] {
+            state.write(|tx| insert_attempt(tx, &r)).unwrap();
+        }
+        let count = |service: &str, now: Millis| state.read(|tx| spawned_on_day(tx, service, now)).unwrap();
+        assert_eq!((count("s", 5), count("s", DAY_MS + 5), count("s", 2 * DAY_MS), count("t", 0)), (2, 1, 0, 1));
+    }
+
+    #[test]
+    fn a_version_1_file_gets_its_daily_counts_from_its_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(MIGRATIONS[0]).unwrap();
+        old.pragma_update(None, "user_version", 1).unwrap();
+        for r in [row(1), row(2), row(DAY_MS + 1), AttemptRow { spawned: false, ..row(3) }] {
+            insert_attempt(&old, &r).unwrap();
+        }
+        drop(old);
+        let state = State::open(&path).unwrap();
+        let count = |now: Millis| state.read(|tx| spawned_on_day(tx, "s", now)).unwrap();
+        assert_eq!((count(0), count(DAY_MS)), (2, 1));
+        state.write(|tx| insert_attempt(tx, &row(4))).unwrap();
+        assert_eq!(count(0), 3, "the trigger counts from now on");
     }
 
     #[test]
