@@ -315,12 +315,22 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         let jobs = within_open_files_limit(args.jobs.unwrap_or(names.len()));
         let mut outcomes = dispatch::fan_out(targets, Arc::new(request), ctx, jobs);
         let mut finished = Vec::new();
+        let mut unread = false;
         while let Some(outcome) = outcomes.recv().await {
-            let printed = match &lines {
-                Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json)),
-                None => print_fan_out_result(&outcome, args.json),
-            };
-            printed.context("writing the results to stdout")?;
+            if !unread {
+                let printed = match &lines {
+                    Some(lines) => lines.suspend(|| print_fan_out_result(&outcome, args.json)),
+                    None => print_fan_out_result(&outcome, args.json),
+                };
+                match printed {
+                    // No one reads on: the services still running are stopped.
+                    Err(e) if reader_gone(&e) => {
+                        unread = true;
+                        cancel.cancel();
+                    }
+                    printed => printed.context("writing the results to stdout")?,
+                }
+            }
             finished.push(outcome);
         }
         if let Some(lines) = &lines {
@@ -330,13 +340,26 @@ async fn run(config: &Config, state: Arc<State>, args: RunArgs) -> Result<ExitCo
         finished.iter().all(|o| o.success)
     } else {
         let outcome = dispatch::failover(targets, &request, &ctx).await;
-        print_outcome(&outcome, args.json).context("writing the result to stdout")?;
+        match print_outcome(&outcome, args.json) {
+            Err(e) if reader_gone(&e) => {}
+            printed => printed.context("writing the result to stdout")?,
+        }
         outcome.success
     };
     if let Some(signal) = *interrupted.borrow() {
         return Ok(ExitCode::from(128 + signal as u8));
     }
     Ok(ExitCode::from(if all_ok { 0 } else { EXIT_FAILED }))
+}
+
+/// True when `e` comes from writing to a reader that went away (`host run ... | head -1`):
+/// like a program ended by SIGPIPE, the host then stops quietly.
+fn reader_gone(e: &anyhow::Error) -> bool {
+    let broken = Some(std::io::ErrorKind::BrokenPipe);
+    e.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().map(std::io::Error::kind) == broken
+            || cause.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind) == broken
+    })
 }
 
 /// User and system CPU time of this process (all its threads, not its children).

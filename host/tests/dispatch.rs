@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Sandbox, alive, eventually, exit_within, json_lines, on_a_terminal, on_a_terminal_of, read_pid, send_signal};
+use common::{Sandbox, alive, eventually, exit_within, json_lines, on_a_terminal, on_a_terminal_of, read_pid, send_signal, with_stdout_closed};
 use serde_json::Value;
 
 const MIXED: &str = r#"
@@ -59,6 +59,15 @@ fn fan_out_human_output_has_a_header_per_service_and_a_summary() {
     assert!(run.stderr.trim_end().ends_with("1 ok, 1 failed: failing rate-limited"), "{}", run.stderr);
     let all_ok = sandbox.run(&["run", "ok1,ok2", "--jobs", "1", "x"]);
     assert_eq!(all_ok.code, 0, "{all_ok:?}");
+}
+
+#[test]
+fn a_fan_out_whose_reader_went_away_stops_the_other_services_quietly() {
+    let sandbox = Sandbox::new(MIXED);
+    let (code, stderr) = with_stdout_closed(&sandbox, &["run", "ok1,hang", "hi"]);
+    assert_eq!(code, Some(1), "the hang was stopped, not answered: {stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    assert!(stderr.contains("hang cancelled"), "stopped at once, not after its timeout: {stderr}");
 }
 
 #[test]

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Sandbox;
+use common::{Sandbox, with_stdout_closed};
 
 const ARGV: &str = r#"
 [services.argv]
@@ -273,4 +273,14 @@ settings = { templat = "{command} {prompt}" }
     assert_eq!(run.code, 1, "{run:?}");
     assert!(run.stdout.contains("ok    good") && run.stdout.contains("template 0.1.0"), "{}", run.stdout);
     assert!(run.stdout.contains("FAIL  typo") && run.stdout.contains("templat"), "{}", run.stdout);
+}
+
+#[test]
+fn a_reader_that_went_away_ends_the_run_quietly_with_the_services_exit_code() {
+    let sandbox = Sandbox::new(common::ECHO);
+    for json in [false, true] {
+        let args: &[&str] = if json { &["run", "echo", "--json", "hi"] } else { &["run", "echo", "hi"] };
+        let (code, stderr) = with_stdout_closed(&sandbox, args);
+        assert_eq!((code, stderr.as_str()), (Some(0), ""), "json: {json}");
+    }
 }

@@ -193,3 +193,12 @@ pub fn on_a_terminal_of(sandbox: &Sandbox, rows: u16, args: &str) -> String {
         .expect("running script(1) for a pseudo-terminal");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `host` with `args` and a stdout whose reader is gone before anything is written
+/// (`host ... | head -0`): (exit code, stderr).
+pub fn with_stdout_closed(sandbox: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
+    let mut child = sandbox.host().args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("running host");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("waiting for host");
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
