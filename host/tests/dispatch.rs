@@ -149,10 +149,11 @@ command = "@FAKE@"
 settings = { args = ["hang", "@DIR@", "{prompt}"] }
 "#,
     );
-    let mut child = sandbox.host().args(["run", "later,hang", "x"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    // A full disk behind stdout: printing the first answer fails, and the host exits on
+    // that error with the hang still running.
+    let full = std::fs::File::options().write(true).open("/dev/full").unwrap();
+    let child = sandbox.host().args(["run", "later,hang", "x"]).stdout(full).stderr(Stdio::piped()).spawn().unwrap();
     let (pid, grandchild) = (read_pid(&sandbox.path("child.pid")), read_pid(&sandbox.path("grandchild.pid")));
-    // Nobody reads the answers any more: printing the first one fails, and the host exits.
-    drop(child.stdout.take());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("writing the results to stdout"), "{out:?}");
