@@ -669,7 +669,10 @@ async fn check(config: &Config, json: bool) -> Result<ExitCode> {
         writeln!(out, "configuration: {}", config.describe())?;
         for r in &rows {
             if r.ok {
-                let note = if r.command_found { "" } else { "  (command not found on PATH)" };
+                let note = match config.services.get(&r.name) {
+                    Some(service) if !r.command_found => format!("  (command {})", process::where_not_found(&service.command)),
+                    _ => String::new(),
+                };
                 writeln!(
                     out,
                     "ok    {:<12} {} {}: {}{note}",

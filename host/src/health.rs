@@ -50,7 +50,7 @@ pub async fn check_all(runtime: &Runtime, services: &[&ServiceConfig], timeout: 
 async fn check(service: &Service, timeout: Duration, cancel: &CancellationToken) -> Result<Option<String>, String> {
     let config = &service.config;
     if find_program(&config.command).is_none() {
-        return Err(format!("not installed: command `{}` not found on PATH", config.command));
+        return Err(format!("not installed: command `{}` {}", config.command, crate::process::where_not_found(&config.command)));
     }
     if let Some(var) = &config.auth_env
         && std::env::var_os(var).is_none_or(|v| v.is_empty())

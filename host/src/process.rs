@@ -62,7 +62,7 @@ pub struct Finished {
 /// The process could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
-    #[error("command `{0}` not found on PATH")]
+    #[error("command `{0}` {where}", where = where_not_found(.0))]
     NotFound(String),
     #[error("command `{0}` is not executable (permission denied)")]
     NotExecutable(String),
@@ -74,6 +74,11 @@ pub enum SpawnError {
     Resources { program: String, source: io::Error },
     #[error("cannot start `{program}`: {source}")]
     Other { program: String, source: io::Error },
+}
+
+/// Where a program was looked for in vain: a path names one file, a name is looked up on PATH.
+pub fn where_not_found(program: &str) -> &'static str {
+    if program.contains('/') { "does not exist" } else { "not found on PATH" }
 }
 
 /// Environment variables a plugin may not set: they change which code a program loads or

@@ -121,6 +121,10 @@ fn a_relative_command_path_is_taken_from_the_configuration_file_not_the_current_
     }
     let run: common::Run = sandbox.host().current_dir(elsewhere.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
     assert_eq!((run.code, run.stdout.as_str()), (0, "configured hi\n"), "{run:?}");
+    std::fs::remove_file(sandbox.path("bin/tool")).unwrap();
+    let gone: common::Run = sandbox.host().current_dir(elsewhere.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
+    assert_eq!(gone.code, 1, "{gone:?}");
+    assert!(gone.stderr.contains(&format!("command `{}` does not exist", sandbox.path("bin/tool").display())), "{}", gone.stderr);
 }
 
 #[test]
