@@ -223,21 +223,19 @@ fn parse_job(config: &Config, number: u64, line: &str) -> Result<Job, String> {
         return Err("`id` must be a string or a number".into());
     }
     let plan = match (job.service, job.services) {
-        (Some(service), None) if service == config::ALL && job.fallback.is_empty() => {
-            Plan::FanOut(config.service_list(vec![service]).map_err(|e| e.0)?)
+        (Some(service), None) if service != config::ALL => {
+            let chain: Vec<String> = std::iter::once(service).chain(job.fallback).collect();
+            config.check_services(&chain).map_err(|e| e.0)?;
+            Plan::Chain(chain)
         }
-        (Some(service), None) if service == config::ALL => return Err(format!("`fallback` goes with a single service, not `{}`", config::ALL)),
-        (Some(service), None) => Plan::Chain(std::iter::once(service).chain(job.fallback).collect()),
+        (Some(all), None) if job.fallback.is_empty() => Plan::FanOut(config.service_list(vec![all]).map_err(|e| e.0)?),
+        (Some(_), None) => return Err(format!("`fallback` goes with a single service, not `{}`", config::ALL)),
         (None, Some(services)) if !services.is_empty() && job.fallback.is_empty() => {
             Plan::FanOut(config.service_list(services).map_err(|e| e.0)?)
         }
         (None, Some(_)) if !job.fallback.is_empty() => return Err("`fallback` goes with `service`, not `services`".into()),
         _ => return Err("give `service` (optionally with `fallback`) or a non-empty `services`".into()),
     };
-    let names = match &plan {
-        Plan::Chain(names) | Plan::FanOut(names) => names,
-    };
-    config.check_services(names).map_err(|e| e.0)?;
     let files = check_files(&job.files)?;
     if job.options.contains_key("") {
         return Err("`options` has an empty option name".into());

@@ -732,11 +732,12 @@ fn prune(state: &State, config: &Config, keep: Duration, json: bool) -> Result<E
     }
     let before = SystemClock.now().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
     let removed = crate::state::prune_attempts(state, before)?;
+    let when = crate::clock::utc_timestamp(before);
     let mut out = std::io::stdout().lock();
     if json {
-        writeln!(out, "{}", serde_json::json!({ "removed": removed, "before": crate::clock::utc_timestamp(before) }))?;
+        writeln!(out, "{}", serde_json::json!({ "removed": removed, "before": when }))?;
     } else {
-        writeln!(out, "removed {removed} ledger rows of requests started before {}", crate::clock::utc_timestamp(before))?;
+        writeln!(out, "removed {removed} ledger rows of requests started before {when}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
