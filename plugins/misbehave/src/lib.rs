@@ -1,6 +1,7 @@
 //! A deliberately misbehaving plugin, used only by the host's tests to prove that a broken
 //! or hostile plugin fails its own service and never the host. `settings.mode` picks the
-//! misbehaviour; "ok" behaves (the prompt becomes the only argument).
+//! misbehaviour; "ok" behaves (the prompt becomes the only argument); "remember" reports
+//! whatever an earlier call left in the instance's memory.
 
 wit_bindgen::generate!({
     path: "../../wit",
@@ -11,6 +12,25 @@ use exechost::service::types::{Command, Failure, FailureKind, Output, PluginInfo
 use exports::exechost::service::plugin::Guest;
 
 struct Misbehave;
+
+/// What mode "remember" looks for and leaves behind: a call counter and a buffer in memory
+/// a fresh instance starts zeroed, and text in memory it starts initialised.
+static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static ZEROED: std::sync::Mutex<[u8; 64 * 1024]> = std::sync::Mutex::new([0; 64 * 1024]);
+static INITIALISED: std::sync::Mutex<[u8; 8]> = std::sync::Mutex::new(*b"as built");
+
+/// Mode "remember": what this instance finds of earlier calls (a fresh one finds nothing),
+/// after which it leaves its own marks for a later call to find.
+fn remember() -> String {
+    let calls = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut zeroed = ZEROED.lock().unwrap_or_else(|p| p.into_inner());
+    let dirty = zeroed.iter().filter(|b| **b != 0).count();
+    zeroed.fill(0xaa);
+    let mut initialised = INITIALISED.lock().unwrap_or_else(|p| p.into_inner());
+    let text = String::from_utf8_lossy(&*initialised).into_owned();
+    initialised.copy_from_slice(b"was used");
+    format!("{calls} calls before, {dirty} bytes dirty, data {text}")
+}
 
 fn setting(service: &Service, key: &str) -> Option<serde_json::Value> {
     serde_json::from_str::<serde_json::Value>(&service.settings).ok()?.get(key).cloned()
@@ -61,6 +81,7 @@ fn misbehave(mode: &str, phase: &str) -> Option<Command> {
             env: vec![("LD_PRELOAD".into(), "/tmp/evil.so".into())],
             stdin: None,
         }),
+        "remember" => Some(Command { args: vec![remember()], env: Vec::new(), stdin: None }),
         "path-env" => Some(Command {
             args: vec!["x".into()],
             env: vec![("PATH".into(), "/tmp/evil".into())],
@@ -110,8 +131,12 @@ impl Guest for Misbehave {
 
     fn parse_output(service: Service, _request: Request, output: Output) -> Result<Response, Failure> {
         misbehave(&mode(&service), "parse");
+        let mut text = String::from_utf8_lossy(&output.stdout).trim_end().to_string();
+        if mode(&service) == "remember" {
+            text = format!("build: {text}; parse: {}", remember());
+        }
         Ok(Response {
-            text: String::from_utf8_lossy(&output.stdout).trim_end().to_string(),
+            text,
             model: None,
             usage: None,
             cost_usd: None,
