@@ -159,7 +159,7 @@ fn parse(service: &Service, request: &Request, output: &Output) -> Result<Respon
     let settings = settings_of(service)?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     let haystack = format!("{stderr}\n{stdout}").to_lowercase();
-    let kind = settings.patterns.classify(&haystack);
+    let kind = settings.patterns().classify(&haystack);
     let how = match output.status {
         ExitStatus::Code(code) => format!("exited with code {code}"),
         ExitStatus::Signal(signal) => format!("was killed by signal {signal}"),

@@ -41,7 +41,7 @@ struct Raw {
     health_args: Option<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPatterns {
     rate_limited: Option<Vec<String>>,
@@ -78,7 +78,8 @@ pub struct Settings {
     pub file_prefix: String,
     pub model_flag: Option<String>,
     pub stdin: Option<StdinMode>,
-    pub patterns: Patterns,
+    /// As given: only a failed run needs them (see [`Settings::patterns`]).
+    patterns: RawPatterns,
     pub health_args: Vec<String>,
 }
 
@@ -122,8 +123,21 @@ impl Settings {
                 "settings: the template has no {prompt}; add it, or set stdin = \"prompt\"".into(),
             );
         }
-        let p = raw.patterns.unwrap_or_default();
-        let patterns = Patterns {
+        Ok(Settings {
+            tokens,
+            file_prefix: raw.file_prefix.unwrap_or_default(),
+            model_flag: raw.model_flag,
+            stdin,
+            patterns: raw.patterns.unwrap_or_default(),
+            health_args: raw.health_args.unwrap_or_else(|| strings(&["--version"])),
+        })
+    }
+
+    /// The patterns that classify a failed run: the service's own for each kind it gives,
+    /// the defaults for the others; compared in lower case.
+    pub fn patterns(&self) -> Patterns {
+        let p = self.patterns.clone();
+        Patterns {
             rules: vec![
                 (
                     FailureKind::RateLimited,
@@ -173,15 +187,7 @@ impl Settings {
             .into_iter()
             .map(|(kind, needles)| (kind, needles.into_iter().map(|n| n.to_lowercase()).collect()))
             .collect(),
-        };
-        Ok(Settings {
-            tokens,
-            file_prefix: raw.file_prefix.unwrap_or_default(),
-            model_flag: raw.model_flag,
-            stdin,
-            patterns,
-            health_args: raw.health_args.unwrap_or_else(|| strings(&["--version"])),
-        })
+        }
     }
 }
 
