@@ -65,6 +65,9 @@ const MIGRATIONS: &[&str] = &[
         ON CONFLICT (service, day) DO UPDATE SET requests = requests + 1;
     END;
     CREATE INDEX attempts_spawned ON attempts (service, started_ms) WHERE spawned = 1;",
+    // 3: every per-service query of the ledger is about requests that ran, which the index
+    // of migration 2 serves; one index fewer to update makes every insert cheaper.
+    "DROP INDEX attempts_by_service_time;",
 ];
 
 /// The outcome recorded for an attempt that has not finished (yet, or ever: a crash).
@@ -498,12 +501,12 @@ pub fn finish_attempt(tx: &Connection, id: i64, row: &AttemptRow) -> rusqlite::R
     Ok(())
 }
 
+const SPAWNED_SINCE: &str = "SELECT started_ms, COALESCE(tokens_total, 0) FROM attempts
+    WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 ORDER BY started_ms";
+
 /// Attempts of `service` that ran, started after `since`, oldest first: (start, total tokens).
 pub fn spawned_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<Vec<(Millis, i64)>> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT started_ms, COALESCE(tokens_total, 0) FROM attempts
-         WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 ORDER BY started_ms",
-    )?;
+    let mut stmt = tx.prepare_cached(SPAWNED_SINCE)?;
     let rows = stmt.query_map(params![service, since], |r| Ok((r.get(0)?, r.get(1)?)))?;
     rows.collect()
 }
@@ -540,11 +543,12 @@ pub fn spawned_on_day(tx: &Connection, service: &str, now: Millis) -> rusqlite::
         .map(|n| n.unwrap_or(0) as u64)
 }
 
+const OUTCOMES_SINCE: &str =
+    "SELECT outcome FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 AND outcome != 'running'";
+
 /// Finished attempts of `service` started after `since`: (calls, outcomes) for the failure-rate window.
 pub fn outcomes_since(tx: &Connection, service: &str, since: Millis) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = tx.prepare_cached(
-        "SELECT outcome FROM attempts WHERE service = ?1 AND spawned = 1 AND started_ms > ?2 AND outcome != 'running'",
-    )?;
+    let mut stmt = tx.prepare_cached(OUTCOMES_SINCE)?;
     let rows = stmt.query_map(params![service, since], |r| r.get(0))?;
     rows.collect()
 }
@@ -747,6 +751,21 @@ mod tests {
         assert_eq!((count(0), count(DAY_MS)), (2, 1));
         state.write(|tx| insert_attempt(tx, &row(4))).unwrap();
         assert_eq!(count(0), 3, "the trigger counts from now on");
+    }
+
+    #[test]
+    fn the_quota_and_breaker_queries_search_the_index_of_requests_that_ran() {
+        let state = State::in_memory().unwrap();
+        for query in [SPAWNED_SINCE, OUTCOMES_SINCE] {
+            let plan: Vec<String> = state
+                .read(|tx| {
+                    let mut stmt = tx.prepare(&format!("EXPLAIN QUERY PLAN {query}"))?;
+                    let rows = stmt.query_map(params!["s", 0], |r| r.get::<_, String>(3))?;
+                    rows.collect()
+                })
+                .unwrap();
+            assert_eq!(plan, ["SEARCH attempts USING INDEX attempts_spawned (service=? AND started_ms>?)"], "{query}");
+        }
     }
 
     #[test]
