@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, DAY_MS, SystemClock};
 use crate::config::{Config, ConfigError, ServiceConfig, parse_duration, parse_timeout};
 use crate::batch;
 use crate::dispatch;
@@ -727,7 +727,7 @@ fn usage(state: &State, since: Duration, json: bool) -> Result<ExitCode> {
 fn prune(state: &State, config: &Config, keep: Duration, json: bool) -> Result<ExitCode> {
     let needed = config.ledger_lookback();
     if keep < needed {
-        let days = needed.as_secs_f64() / 86_400.0;
+        let days = needed.as_millis() as f64 / DAY_MS as f64;
         return Err(Usage(format!("--keep must be at least {days:.1}d: quotas and circuit breakers read that much of the ledger")).into());
     }
     let before = SystemClock.now().saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));

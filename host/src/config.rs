@@ -10,6 +10,7 @@ use serde::de::{self, Deserializer};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::clock::DAY_MS;
 use crate::outcome::FailureKind;
 
 /// The services.toml built into the binary, used when no other file is found.
@@ -335,7 +336,7 @@ impl Config {
             BreakerMode::Rate { window, .. } => Some(window),
             BreakerMode::Consecutive => None,
         });
-        windows.fold(Duration::from_secs(86_400), Duration::max)
+        windows.fold(Duration::from_millis(DAY_MS as u64), Duration::max)
     }
 
     /// The services a request names: every configured one for `all` alone, otherwise the
