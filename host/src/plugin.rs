@@ -96,7 +96,9 @@ pub struct Runtime {
 /// Store state of one call: a WASI context that grants nothing, the limiter, and the CPU
 /// time left, in epoch ticks.
 struct State {
-    wasi: WasiCtx,
+    /// Made on the plugin's first WASI call: most calls make none, and building one costs
+    /// about as much as a small call itself.
+    wasi: Option<(WasiCtx, MemoryOutputPipe)>,
     table: ResourceTable,
     limiter: Limiter,
     ticks_left: u64,
@@ -104,7 +106,11 @@ struct State {
 
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        let (ctx, _) = self.wasi.get_or_insert_with(|| {
+            let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
+            (wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build(), stderr)
+        });
+        WasiCtxView { ctx, table: &mut self.table }
     }
 }
 
@@ -402,26 +408,24 @@ impl Plugin {
     {
         let inner = &*self.inner;
         let _slot = inner.slots.acquire().await.context("the plugin runtime is shutting down")?;
-        let (mut store, stderr) = self.store();
+        let mut store = self.store();
         let run = async {
             let instance = inner.prepared.pre.instantiate_async(&mut store).await?;
             let f = export(&inner.prepared).typed::<P, (R,)>(&mut store, &instance)?;
             Ok(f.call_async(&mut store, params).await?.0)
         };
         let result = tokio::time::timeout(self.wall_limit(), run).await.ok();
-        self.finish(function, &store, &stderr, result)
+        self.finish(function, &store, result)
     }
 
     /// A fresh store with no capabilities and the limits: its stderr is kept, and every
     /// epoch tick the plugin computes through costs a tick of its CPU time and yields to
     /// the other tasks of this thread.
-    fn store(&self) -> (Store<State>, MemoryOutputPipe) {
+    fn store(&self) -> Store<State> {
         let inner = &*self.inner;
-        let stderr = MemoryOutputPipe::new(PLUGIN_STDERR_CAP);
-        let wasi = wasmtime_wasi::WasiCtxBuilder::new().stderr(stderr.clone()).build();
         let limiter = Limiter { max_memory: usize::try_from(inner.limits.memory).unwrap_or(usize::MAX), memory_denied: false };
         let ticks_left = inner.limits.time.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
-        let mut store = Store::new(inner.prepared.pre.engine(), State { wasi, table: ResourceTable::new(), limiter, ticks_left });
+        let mut store = Store::new(inner.prepared.pre.engine(), State { wasi: None, table: ResourceTable::new(), limiter, ticks_left });
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(|mut store| {
@@ -432,7 +436,7 @@ impl Plugin {
             state.ticks_left -= 1;
             Ok(UpdateDeadline::Yield(1))
         });
-        (store, stderr)
+        store
     }
 
     /// How long a call may take in wall time, whatever it does.
@@ -442,9 +446,10 @@ impl Plugin {
 
     /// Turns a trap, an exhausted limit or a call past its wall time into an error naming
     /// the plugin, with the end of what it printed on stderr.
-    fn finish<T>(&self, function: &str, store: &Store<State>, stderr: &MemoryOutputPipe, result: Option<wasmtime::Result<T>>) -> Result<T> {
+    fn finish<T>(&self, function: &str, store: &Store<State>, result: Option<wasmtime::Result<T>>) -> Result<T> {
         let inner = &*self.inner;
-        let printed = String::from_utf8_lossy(&stderr.contents()).trim().to_string();
+        let stderr = store.data().wasi.as_ref().map(|(_, stderr)| stderr.contents()).unwrap_or_default();
+        let printed = String::from_utf8_lossy(&stderr).trim().to_string();
         if !printed.is_empty() {
             tracing::debug!(plugin = %inner.source, "plugin stderr ({function}): {printed}");
         }
