@@ -96,8 +96,9 @@ pub struct Runtime {
 /// Store state of one call: a WASI context that grants nothing, the limiter, and the CPU
 /// time left, in epoch ticks.
 struct State {
-    /// Made on the plugin's first WASI call: most calls make none, and building one costs
-    /// about as much as a small call itself.
+    /// Made on the plugin's first WASI call (with the pipe that keeps its stderr): most
+    /// calls make none, and building one (random generators, stdio) is a measurable part of
+    /// a small call's cost.
     wasi: Option<(WasiCtx, MemoryOutputPipe)>,
     table: ResourceTable,
     limiter: Limiter,
