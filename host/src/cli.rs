@@ -200,6 +200,7 @@ pub fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     process::keep_commands_off_the_terminal();
+    process::schedule_as_batch();
     // One async thread: it starts fastest, and measured faster for batches too than a
     // multi-threaded runtime. Plugin calls run on it (yielding while they compute); spawns,
     // and state transactions that must wait for a lock, run on the blocking pool's threads.

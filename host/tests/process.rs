@@ -231,3 +231,41 @@ settings = { args = ["stdin", "{prompt}"] }
     assert_eq!(run.code, 0, "{run:?}");
     assert!(run.json()["text"].as_str().unwrap().starts_with("0 "), "{run:?}");
 }
+
+fn sched_sandbox() -> Sandbox {
+    Sandbox::new(
+        r#"
+[services.sched]
+plugin = "template"
+command = "@FAKE@"
+settings = { args = ["sched", "{prompt}"] }
+"#,
+    )
+}
+
+#[test]
+fn commands_run_under_the_batch_scheduling_policy() {
+    let run = sched_sandbox().run(&["run", "sched", "--json", "x"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["text"].as_str().unwrap().trim(), "batch", "{run:?}");
+}
+
+#[test]
+fn a_host_started_under_the_idle_policy_keeps_it_for_its_commands() {
+    use std::os::unix::process::CommandExt;
+    let sandbox = sched_sandbox();
+    let mut host = sandbox.host();
+    // SAFETY: sched_setscheduler is async-signal-safe and touches only the parameter.
+    unsafe {
+        host.pre_exec(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            if libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run: common::Run = host.args(["run", "sched", "--json", "x"]).output().expect("running host").into();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["text"].as_str().unwrap().trim(), "idle", "{run:?}");
+}
