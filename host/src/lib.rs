@@ -3,7 +3,7 @@
 //! Layers, each depending only on those below it:
 //! `cli` → `dispatch` (a request through the policies) → `retry`, `breaker`, `quota`
 //! (policies) → `service` (one attempt: plugin + process) → `plugin` (wasm runtime),
-//! `process` (subprocess executor) and `state` (SQLite store); `config` (services.toml),
+//! `process` (subprocess executor, starting processes through `spawn`) and `state` (SQLite store); `config` (services.toml),
 //! `outcome` (result types) and `clock` beside them.
 
 pub mod breaker;
@@ -20,6 +20,7 @@ pub mod process;
 pub mod quota;
 pub mod retry;
 pub mod service;
+pub mod spawn;
 pub mod state;
 pub mod ui;
 pub mod report;

@@ -2,13 +2,13 @@
 //! that kill the whole group, stdin written while bounded stdout/stderr are read.
 
 use std::io;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+use crate::spawn::{self, Child, Launch};
 
 /// What to run and within which limits.
 #[derive(Debug, Clone)]
@@ -189,29 +189,9 @@ fn signal_group(pgid: i32, signal: i32) {
     }
 }
 
-/// The command for `spec`: its argv as given (no shell), in a process group of its own,
-/// with piped output.
-fn command(spec: &Spec) -> Command {
-    let mut cmd = Command::new(&spec.program);
-    cmd.args(&spec.args)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { dev_null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    cmd
-}
-
-/// /dev/null for a child's stdin: a copy of a descriptor opened once, which costs the
-/// spawning thread less than opening the file again for every child.
-fn dev_null() -> Stdio {
-    static DEV_NULL: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
-    DEV_NULL
-        .get_or_init(|| std::fs::File::open("/dev/null").ok())
-        .as_ref()
-        .and_then(|f| f.try_clone().ok())
-        .map_or_else(Stdio::null, Stdio::from)
+/// What to start for `spec`: its argv as given (no shell).
+fn launch(spec: &Spec) -> Launch {
+    Launch { program: spec.program.clone(), args: spec.args.clone(), env: spec.env.clone(), stdin_piped: spec.stdin.is_some() }
 }
 
 /// What a failed spawn of `program` means.
@@ -236,13 +216,13 @@ pub async fn run(spec: &Spec, cancel: &CancellationToken) -> Result<Finished, Sp
     if texts.any(|t| t.contains('\0')) {
         return Err(SpawnError::NulByte(spec.program.clone()));
     }
-    let mut cmd = command(spec);
+    let launch = launch(spec);
     // Spawning suspends the calling thread until the child has called exec (vfork), which on
     // a busy machine means until the child gets a CPU: a worker thread does it, never the
     // async thread.
     let spawned = tokio::task::spawn_blocking(move || {
         let at = Instant::now();
-        cmd.spawn().map(|child| {
+        spawn::spawn(&launch).map(|child| {
             let group = GroupGuard::new(&child);
             (child, group, at)
         })
@@ -265,7 +245,7 @@ struct GroupGuard {
 
 impl GroupGuard {
     fn new(child: &Child) -> GroupGuard {
-        GroupGuard { pgid: child.id().map(|id| id as i32).unwrap_or(0), armed: AtomicBool::new(true) }
+        GroupGuard { pgid: child.id(), armed: AtomicBool::new(true) }
     }
 
     /// The leader has been reaped: from now on its group id may belong to someone else.

@@ -269,3 +269,29 @@ fn a_host_started_under_the_idle_policy_keeps_it_for_its_commands() {
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.json()["text"].as_str().unwrap().trim(), "idle", "{run:?}");
 }
+
+#[test]
+fn a_command_starts_in_a_group_of_its_own_with_no_signal_blocked_and_sigpipe_at_its_default() {
+    // `cat` changes nothing of how it was started: its status is what the host gave it.
+    let sandbox = Sandbox::new(
+        r#"
+[services.status]
+plugin = "template"
+command = "cat"
+settings = { args = ["/proc/self/status"], stdin = "prompt" }
+"#,
+    );
+    let run = sandbox.run(&["run", "status", "--json", "x"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let status = run.json()["text"].as_str().unwrap().to_string();
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(&format!("{name}:"))).unwrap_or_else(|| panic!("{name} in {status}"));
+        line[name.len() + 1..].trim().to_string()
+    };
+    let mask = |name: &str| u64::from_str_radix(&field(name), 16).unwrap();
+    let bit = |signal: i32| 1u64 << (signal - 1);
+    assert_eq!(field("NSpgid"), field("Pid"), "its own process group");
+    assert_eq!(mask("SigBlk"), 0, "no signal blocked");
+    assert_eq!(mask("SigIgn") & bit(libc::SIGPIPE), 0, "SIGPIPE at its default");
+    assert_ne!(mask("SigIgn") & bit(libc::SIGTTIN), 0, "kept off the terminal");
+}

@@ -284,3 +284,23 @@ fn a_reader_that_went_away_ends_the_run_quietly_with_the_services_exit_code() {
         assert_eq!((code, stderr.as_str()), (Some(0), ""), "json: {json}");
     }
 }
+
+#[test]
+fn a_command_name_is_looked_up_on_path_past_entries_where_it_is_not_executable() {
+    use std::os::unix::fs::PermissionsExt;
+    let sandbox = Sandbox::new("[services.tool]\nplugin = \"template\"\ncommand = \"exechost-tool\"\n");
+    for (dir, says, mode) in [("a", "first", 0o644), ("b", "second", 0o755)] {
+        let path = sandbox.path(&format!("{dir}/exechost-tool"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("#!/bin/sh\necho {says} \"$@\"\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let path = format!("{}:{}", sandbox.path("a").display(), sandbox.path("b").display());
+    let found: common::Run = sandbox.host().env("PATH", &path).args(["--no-state", "run", "tool", "hi"]).output().unwrap().into();
+    assert_eq!((found.code, found.stdout.as_str()), (0, "second hi\n"), "{found:?}");
+
+    std::fs::remove_file(sandbox.path("b/exechost-tool")).unwrap();
+    let refused: common::Run = sandbox.host().env("PATH", &path).args(["--no-state", "run", "tool", "--json", "hi"]).output().unwrap().into();
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`exechost-tool` is not executable"), "{refused:?}");
+}
