@@ -615,6 +615,27 @@ mod tests {
         assert_eq!(seen[0], seen[1], "the ignored signals too are the same both ways");
     }
 
+    /// The state letter of process `pid` (`Z` for a zombie), or `None` once it is reaped.
+    fn process_state(pid: i32) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next())
+    }
+
+    #[tokio::test]
+    async fn a_child_dropped_while_running_is_killed_and_reaped() {
+        for start in [spawn, spawn_with_tokio] {
+            let child = start(&launch("sleep", &["30"], &[], false)).unwrap();
+            let pid = child.id();
+            assert!(matches!(process_state(pid), Some(state) if state != 'Z'), "running before the drop");
+            drop(child);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while process_state(pid).is_some() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert_eq!(process_state(pid), None, "killed and reaped, not left a zombie");
+        }
+    }
+
     #[tokio::test]
     async fn a_program_that_is_missing_or_not_executable_is_reported_as_such() {
         let dir = tempfile::tempdir().unwrap();
