@@ -589,7 +589,7 @@ fn list(config: &Config, json: bool) -> Result<ExitCode> {
             name: &s.name,
             plugin: s.plugin.to_string(),
             command: &s.command,
-            command_path: find_program(&s.command).map(|p| p.display().to_string()),
+            command_path: find_program(&s.command, s.env.get("PATH").map(String::as_str)).map(|p| p.display().to_string()),
             models: &s.models,
             default_model: s.default_model.as_deref(),
             auth_env: s.auth_env.as_deref(),
@@ -641,7 +641,7 @@ async fn check(config: &Config, json: bool) -> Result<ExitCode> {
                 plugin_name: None,
                 plugin_version: None,
                 description: None,
-                command_found: find_program(&s.command).is_some(),
+                command_found: find_program(&s.command, s.env.get("PATH").map(String::as_str)).is_some(),
                 error: None,
             };
             let checked = match Service::load(runtime, s).await {

@@ -49,7 +49,7 @@ pub async fn check_all(runtime: &Runtime, services: &[&ServiceConfig], timeout: 
 
 async fn check(service: &Service, timeout: Duration, cancel: &CancellationToken) -> Result<Option<String>, String> {
     let config = &service.config;
-    if find_program(&config.command).is_none() {
+    if find_program(&config.command, config.env.get("PATH").map(String::as_str)).is_none() {
         return Err(format!("not installed: command `{}` {}", config.command, crate::process::where_not_found(&config.command)));
     }
     if let Some(var) = &config.auth_env

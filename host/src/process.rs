@@ -109,19 +109,17 @@ pub fn check_plugin_env(name: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Looks a program up the way the spawn will: a name with a slash is a path, otherwise each
-/// PATH entry is tried. Returns the executable found, if any.
-pub fn find_program(program: &str) -> Option<std::path::PathBuf> {
+/// Looks a program up the way the spawn will (see [`spawn::candidates`]): a name with a
+/// slash is a path, otherwise each entry of `own_path` (a service's own `PATH` setting) or
+/// else of the host's PATH is tried. Returns the executable found, if any.
+pub fn find_program(program: &str, own_path: Option<&str>) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |p: &std::path::Path| {
         p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
     };
-    if program.contains('/') {
-        let p = std::path::PathBuf::from(program);
-        return executable(&p).then_some(p);
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|p| executable(p))
+    let host_path = std::env::var_os("PATH");
+    let path = own_path.map(std::ffi::OsStr::new).or(host_path.as_deref());
+    spawn::candidates(program, path).into_iter().map(std::path::PathBuf::from).find(|p| executable(p))
 }
 
 /// Open files a running command holds in the host (its output pipes and pidfd, and its

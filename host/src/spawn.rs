@@ -9,7 +9,7 @@
 //! of the 64 signals, and the pidfd opened afterwards. Elsewhere, or where the kernel or a
 //! sandbox refuses `clone3`, tokio's spawn (`posix_spawn`) starts it, with the same result.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{ExitStatus, Stdio};
@@ -160,14 +160,14 @@ fn dev_null() -> io::Result<&'static OwnedFd> {
 
 /// Where exec looks for `program`, in order, as `execvp` does: a name with a slash is a
 /// path; otherwise each entry of `path` (the C library's "/bin:/usr/bin" without one), an
-/// empty entry meaning the current directory.
-fn candidates(program: &str, path: Option<&OsString>) -> Vec<OsString> {
+/// empty entry meaning the current directory. `path` is the command's own PATH setting (a
+/// service's `env`) if it has one, else the host's, as with Rust's and tokio's spawn.
+pub fn candidates(program: &str, path: Option<&OsStr>) -> Vec<OsString> {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     if program.contains('/') {
         return vec![program.into()];
     }
-    let default = OsString::from("/bin:/usr/bin");
-    let path = path.unwrap_or(&default);
+    let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
     path.as_bytes()
         .split(|b| *b == b':')
         .map(|dir| {
@@ -376,7 +376,8 @@ mod clone {
         use std::os::unix::ffi::OsStringExt;
         let HostEnvironment { entries: base, path } = host_environment();
         let c = |text: &str| c_string(text).map_err(Failed::Io);
-        let paths: Vec<CString> = candidates(&launch.program, path.as_ref())
+        let own_path = launch.env.iter().rev().find(|(name, _)| name == "PATH").map(|(_, value)| OsStr::new(value));
+        let paths: Vec<CString> = candidates(&launch.program, own_path.or(path.as_deref()))
             .into_iter()
             .map(|p| c_string(p.into_vec()))
             .collect::<io::Result<_>>()
@@ -651,10 +652,10 @@ mod tests {
 
     #[test]
     fn a_name_is_looked_up_in_each_path_entry_and_an_empty_entry_is_the_current_directory() {
-        let path = OsString::from("/usr/local/bin::/bin/");
-        assert_eq!(candidates("tool", Some(&path)), ["/usr/local/bin/tool", "tool", "/bin/tool"].map(OsString::from));
+        let path = OsStr::new("/usr/local/bin::/bin/");
+        assert_eq!(candidates("tool", Some(path)), ["/usr/local/bin/tool", "tool", "/bin/tool"].map(OsString::from));
         assert_eq!(candidates("tool", None), ["/bin/tool", "/usr/bin/tool"].map(OsString::from));
-        assert_eq!(candidates("./bin/tool", Some(&path)), [OsString::from("./bin/tool")]);
+        assert_eq!(candidates("./bin/tool", Some(path)), [OsString::from("./bin/tool")]);
     }
 
     #[test]

@@ -285,16 +285,21 @@ fn a_reader_that_went_away_ends_the_run_quietly_with_the_services_exit_code() {
     }
 }
 
+/// Writes the script `exechost-tool` in the sandbox folder `dir`, echoing `says` and its arguments,
+/// with permissions `mode`.
+fn write_tool(sandbox: &Sandbox, dir: &str, says: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = sandbox.path(&format!("{dir}/exechost-tool"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, format!("#!/bin/sh\necho {says} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 #[test]
 fn a_command_name_is_looked_up_on_path_past_entries_where_it_is_not_executable() {
-    use std::os::unix::fs::PermissionsExt;
     let sandbox = Sandbox::new("[services.tool]\nplugin = \"template\"\ncommand = \"exechost-tool\"\n");
-    for (dir, says, mode) in [("a", "first", 0o644), ("b", "second", 0o755)] {
-        let path = sandbox.path(&format!("{dir}/exechost-tool"));
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(&path, format!("#!/bin/sh\necho {says} \"$@\"\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    write_tool(&sandbox, "a", "first", 0o644);
+    write_tool(&sandbox, "b", "second", 0o755);
     let path = format!("{}:{}", sandbox.path("a").display(), sandbox.path("b").display());
     let found: common::Run = sandbox.host().env("PATH", &path).args(["--no-state", "run", "tool", "hi"]).output().unwrap().into();
     assert_eq!((found.code, found.stdout.as_str()), (0, "second hi\n"), "{found:?}");
@@ -303,4 +308,18 @@ fn a_command_name_is_looked_up_on_path_past_entries_where_it_is_not_executable()
     let refused: common::Run = sandbox.host().env("PATH", &path).args(["--no-state", "run", "tool", "--json", "hi"]).output().unwrap().into();
     assert_eq!(refused.code, 1, "{refused:?}");
     assert!(refused.json()["error"]["message"].as_str().unwrap().contains("`exechost-tool` is not executable"), "{refused:?}");
+}
+
+#[test]
+fn a_command_name_is_looked_up_on_the_services_own_path_when_its_env_sets_one() {
+    let sandbox = Sandbox::new("[services.tool]\nplugin = \"template\"\ncommand = \"exechost-tool\"\nenv = { PATH = \"@DIR@/own\" }\n");
+    write_tool(&sandbox, "own", "own", 0o755);
+    write_tool(&sandbox, "hosts", "hosts", 0o755);
+    let hosts_path = sandbox.path("hosts");
+    let run: common::Run = sandbox.host().env("PATH", &hosts_path).args(["--no-state", "run", "tool", "hi"]).output().unwrap().into();
+    assert_eq!((run.code, run.stdout.as_str()), (0, "own hi\n"), "{run:?}");
+    let list: common::Run = sandbox.host().env("PATH", &hosts_path).args(["list", "--json"]).output().unwrap().into();
+    assert_eq!(list.code, 0, "{list:?}");
+    let path = list.json()[0]["command_path"].as_str().map(String::from);
+    assert_eq!(path, Some(sandbox.path("own/exechost-tool").display().to_string()), "{list:?}");
 }
