@@ -184,38 +184,7 @@ pub fn candidates(program: &str, path: Option<&OsStr>) -> Vec<OsString> {
         .collect()
 }
 
-/// The environment for a command: the host's (as it was when the first command started),
-/// with `extra` set on top. Entries are `NAME=value`.
-fn environment(base: &[(OsString, CString)], extra: &[(String, String)]) -> io::Result<Vec<CString>> {
-    let overridden = |name: &OsString| extra.iter().any(|(k, _)| name.as_os_str() == k.as_str());
-    let mut env: Vec<CString> = base.iter().filter(|(name, _)| !overridden(name)).map(|(_, entry)| entry.clone()).collect();
-    for (i, (name, value)) in extra.iter().enumerate() {
-        // A later setting of the same name wins.
-        if extra[i + 1..].iter().all(|(later, _)| later != name) {
-            env.push(c_string(format!("{name}={value}"))?);
-        }
-    }
-    Ok(env)
-}
-
-fn c_string(text: impl Into<Vec<u8>>) -> io::Result<CString> {
-    CString::new(text).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument or environment variable"))
-}
-
-/// A pipe whose ends are closed on exec; the end the child gets is moved to 3 or above, so
-/// that putting it in place as stdin, stdout or stderr cannot clobber another.
-#[cfg_attr(not(all(target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
-fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
-    use std::os::fd::FromRawFd;
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`, which we then own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    Ok((above_stdio(read)?, above_stdio(write)?))
-}
-
+/// `fd`, or a copy of it numbered 3 or above if it has the number of stdin, stdout or stderr.
 fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     use std::os::fd::FromRawFd;
     if fd.as_raw_fd() > 2 {
@@ -229,17 +198,6 @@ fn above_stdio(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
-/// Puts the host's end of a pipe in non-blocking mode, for the reactor.
-#[cfg_attr(not(all(target_os = "linux", target_arch = "x86_64")), allow(dead_code))]
-fn nonblocking(fd: &OwnedFd) -> io::Result<()> {
-    // SAFETY: F_SETFL changes only the descriptor's status flags; a fresh pipe end has none
-    // but its access mode, which F_SETFL leaves alone.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod clone {
     //! `clone3` + exec: the child shares the host's memory until exec, on a stack of its own,
@@ -247,7 +205,8 @@ mod clone {
     //! in place, restore SIGPIPE and the signal mask, and exec each candidate path in turn.
 
     use super::*;
-    use std::ffi::{c_int, c_void};
+    use std::borrow::Cow;
+    use std::ffi::{CStr, c_int, c_void};
     use std::os::fd::FromRawFd;
     use std::os::raw::c_char;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -368,8 +327,48 @@ mod clone {
         static STACK: std::cell::RefCell<Option<ChildStack>> = const { std::cell::RefCell::new(None) };
     }
 
-    fn null_terminated(strings: &[CString]) -> Vec<*const c_char> {
-        strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
+    /// The environment for a command: the host's (as it was when the first command started,
+    /// borrowed, not copied), with `extra` set on top. Entries are `NAME=value`.
+    pub(super) fn environment<'a>(base: &'a [(OsString, CString)], extra: &[(String, String)]) -> io::Result<Vec<Cow<'a, CStr>>> {
+        let overridden = |name: &OsString| extra.iter().any(|(k, _)| name.as_os_str() == k.as_str());
+        let mut env: Vec<Cow<CStr>> = base.iter().filter(|(name, _)| !overridden(name)).map(|(_, entry)| Cow::Borrowed(entry.as_c_str())).collect();
+        for (i, (name, value)) in extra.iter().enumerate() {
+            // A later setting of the same name wins.
+            if extra[i + 1..].iter().all(|(later, _)| later != name) {
+                env.push(Cow::Owned(c_string(format!("{name}={value}"))?));
+            }
+        }
+        Ok(env)
+    }
+
+    fn c_string(text: impl Into<Vec<u8>>) -> io::Result<CString> {
+        CString::new(text).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in an argument or environment variable"))
+    }
+
+    /// A pipe whose ends are closed on exec; the end the child gets is moved to 3 or above, so
+    /// that putting it in place as stdin, stdout or stderr cannot clobber another.
+    fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into `fds`, which we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        Ok((above_stdio(read)?, above_stdio(write)?))
+    }
+
+    /// Puts the host's end of a pipe in non-blocking mode, for the reactor.
+    fn nonblocking(fd: &OwnedFd) -> io::Result<()> {
+        // SAFETY: F_SETFL changes only the descriptor's status flags; a fresh pipe end has none
+        // but its access mode, which F_SETFL leaves alone.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn null_terminated<S: AsRef<CStr>>(strings: &[S]) -> Vec<*const c_char> {
+        strings.iter().map(|s| s.as_ref().as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
     }
 
     pub fn spawn(launch: &Launch) -> Result<Child, Failed> {
@@ -658,11 +657,13 @@ mod tests {
         assert_eq!(candidates("./bin/tool", Some(path)), [OsString::from("./bin/tool")]);
     }
 
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[test]
     fn settings_replace_the_hosts_variables_and_the_last_of_a_name_wins() {
+        use std::borrow::Cow;
         let base = [("HOME", "/root"), ("LANG", "C")].map(|(k, v)| (OsString::from(k), CString::new(format!("{k}={v}")).unwrap()));
         let extra = [("LANG", "fr"), ("X", "1"), ("X", "2")].map(|(k, v)| (k.to_string(), v.to_string()));
-        let env = environment(&base, &extra).unwrap();
+        let env: Vec<CString> = clone::environment(&base, &extra).unwrap().into_iter().map(Cow::into_owned).collect();
         assert_eq!(env, ["HOME=/root", "LANG=fr", "X=2"].map(|e| CString::new(e).unwrap()));
     }
 }

@@ -108,20 +108,12 @@ fn the_builtin_configuration_is_the_last_resort() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "built in\n", "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// An executable shell script at `path` (its folder made) running `body`.
-fn write_script(path: &std::path::Path, body: &str) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-}
-
 #[test]
 fn a_relative_command_path_is_taken_from_the_configuration_file_not_the_current_directory() {
     let sandbox = Sandbox::new("[services.x]\nplugin = \"template\"\ncommand = \"bin/tool\"\n");
     let elsewhere = tempfile::tempdir().unwrap();
     for (dir, says) in [(sandbox.path(""), "configured"), (elsewhere.path().to_path_buf(), "decoy")] {
-        write_script(&dir.join("bin/tool"), &format!("echo {says} \"$@\""));
+        common::write_script(&dir.join("bin/tool"), &format!("echo {says} \"$@\""));
     }
     let run: common::Run = sandbox.host().current_dir(elsewhere.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
     assert_eq!((run.code, run.stdout.as_str()), (0, "configured hi\n"), "{run:?}");
@@ -135,7 +127,7 @@ fn a_relative_command_path_is_taken_from_the_configuration_file_not_the_current_
 fn command_and_plugin_paths_may_start_with_the_home_directory() {
     let sandbox = Sandbox::new("[services.x]\nplugin = \"template\"\ncommand = \"~/bin/tool\"\n\n[services.y]\nplugin = \"~/plugins/y.wasm\"\ncommand = \"echo\"\n");
     let home = tempfile::tempdir().unwrap();
-    write_script(&home.path().join("bin/tool"), "echo from home \"$@\"");
+    common::write_script(&home.path().join("bin/tool"), "echo from home \"$@\"");
     let run: common::Run = sandbox.host().env("HOME", home.path()).args(["--no-state", "run", "x", "hi"]).output().unwrap().into();
     assert_eq!(run.code, 2, "y's plugin is not there: {run:?}");
     assert!(run.stderr.contains(&format!("plugin file {}/plugins/y.wasm does not exist", home.path().display())), "{}", run.stderr);

@@ -290,8 +290,7 @@ fn a_reader_that_went_away_ends_the_run_quietly_with_the_services_exit_code() {
 fn write_tool(sandbox: &Sandbox, dir: &str, says: &str, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     let path = sandbox.path(&format!("{dir}/exechost-tool"));
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(&path, format!("#!/bin/sh\necho {says} \"$@\"\n")).unwrap();
+    common::write_script(&path, &format!("echo {says} \"$@\""));
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 

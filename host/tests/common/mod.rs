@@ -202,3 +202,11 @@ pub fn with_stdout_closed(sandbox: &Sandbox, args: &[&str]) -> (Option<i32>, Str
     let out = child.wait_with_output().expect("waiting for host");
     (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// An executable shell script at `path` (its folder made) running `body`.
+pub fn write_script(path: &std::path::Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
